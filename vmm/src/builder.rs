@@ -1,0 +1,136 @@
+//! From a validated configuration to a running VM, in one readable pass:
+//! KVM → guest memory → VM with irqchip and PIT → guest loaded → devices → vCPUs.
+
+use crate::arch::x86_64::{boot, cpuid::CpuTemplate};
+use crate::config::{Console, VmConfig};
+use crate::devices::bus::PioBus;
+use crate::devices::legacy::{i8042, serial, I8042, SerialConsole};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VmExit};
+use crate::vstate::{kvm, memory, vm};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::VmFd;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    #[error("vcpus = {requested}: this host's KVM allows at most {max}")]
+    TooManyVcpus { requested: u8, max: usize },
+    #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("console {path}: {source}")]
+    Console { path: PathBuf, source: std::io::Error },
+    #[error("serial interrupt: {0}")]
+    SerialIrq(std::io::Error),
+    #[error(transparent)]
+    Bus(#[from] crate::devices::bus::BusOverlap),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+/// Options that change how the VMM reports, not what the guest is.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunOptions {
+    /// Print CLOCK_MONOTONIC timestamps of start-up milestones to stderr (benchmarks).
+    pub boot_timestamps: bool,
+}
+
+/// A running VM. Guest memory and the VM file descriptor live as long as this value.
+pub struct Vmm {
+    exits: Receiver<VmExit>,
+    console: Arc<Mutex<SerialConsole>>,
+    _vm: VmFd,
+    _memory: GuestMemoryMmap,
+}
+
+impl Vmm {
+    /// Blocks until the guest stops (or a vCPU fails) and says why.
+    pub fn wait(self) -> VmExit {
+        let exit = self.exits.recv().unwrap_or_else(|_| VmExit::Error("every vCPU thread ended without a reason".into()));
+        if let Ok(mut console) = self.console.lock() {
+            console.flush();
+        }
+        exit
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: comparable across processes, unlike `Instant`.
+pub fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
+fn open_console(console: &Console) -> Result<Box<dyn Write + Send>, BuildError> {
+    // A file descriptor, not the buffered `Stdout`: every byte the guest sends is out
+    // at once, even when the VMM exits right after the guest's last line.
+    let file = match console {
+        Console::Stdout => std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(File::from)
+            .map_err(|source| BuildError::Console { path: "stdout".into(), source })?,
+        Console::File(path) => File::create(path).map_err(|source| BuildError::Console { path: path.clone(), source })?,
+    };
+    Ok(Box::new(file))
+}
+
+/// Builds the VM described by `config` and starts its vCPUs.
+pub fn build_and_start(config: &VmConfig, options: RunOptions) -> Result<Vmm, BuildError> {
+    let kvm = kvm::open()?;
+    let max_vcpus = kvm.get_max_vcpus();
+    if usize::from(config.vcpus) > max_vcpus {
+        return Err(BuildError::TooManyVcpus { requested: config.vcpus, max: max_vcpus });
+    }
+    let template: CpuTemplate = config.cpu_template.resolve();
+    let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::SupportedCpuid)?;
+
+    let guest_memory = memory::create_guest_memory(config.memory_bytes())?;
+    let vm = vm::create(&kvm, &guest_memory)?;
+
+    let cmdline = boot::kernel_cmdline(template, &config.cmdline)?;
+    let entry = boot::load_guest(&guest_memory, config.memory_bytes(), &config.kernel, &config.initramfs, &cmdline, config.vcpus)?;
+
+    let (exit_tx, exits) = channel();
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::SerialIrq)?;
+    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
+        .map_err(|e| BuildError::SerialIrq(std::io::Error::from_raw_os_error(e.errno())))?;
+    let console = Arc::new(Mutex::new(SerialConsole::new(serial_irq, open_console(&config.console)?)));
+    let reset_tx = exit_tx.clone();
+    let i8042 = Arc::new(Mutex::new(I8042::new(move || {
+        let _ = reset_tx.send(VmExit::Reset);
+    })));
+    let bus = PioBus::new(vec![
+        (serial::COM1_BASE, serial::COM1_PORTS, console.clone() as _),
+        (i8042::I8042_BASE, i8042::I8042_PORTS, i8042 as _),
+    ])?;
+
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::create(&vm, index)?;
+        vcpu.configure(&supported_cpuid, config.vcpus, template, entry.entry_point)?;
+        vcpus.push(vcpu);
+    }
+    for vcpu in vcpus {
+        let first_run: Option<Box<dyn FnOnce() + Send>> = (options.boot_timestamps && vcpu.index() == 0)
+            .then(|| Box::new(|| eprintln!("nestbox-vmm: timestamp first_kvm_run {}", monotonic_ns())) as _);
+        // Threads are detached: the VMM process ends with the VM, taking them along.
+        vcpu.start(bus.clone(), exit_tx.clone(), first_run)?;
+    }
+    Ok(Vmm { exits, console, _vm: vm, _memory: guest_memory })
+}

@@ -1,0 +1,96 @@
+//! `nestbox-vmm`: boots one microVM and exits when the guest does.
+
+use anyhow::Context;
+use clap::Parser;
+use nestbox_vmm::arch::x86_64::cpuid::CpuTemplate;
+use nestbox_vmm::config::{self, FileConfig, VmConfig};
+use nestbox_vmm::{build_and_start, RunOptions, VmExit};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Boots a nestbox microVM: KVM, PVH boot of an uncompressed vmlinux with an initramfs,
+/// serial console. Exits 0 when the guest reboots or powers off, 1 on any error.
+///
+/// Every setting can come from a TOML file (`--config`) with the keys kernel, initramfs,
+/// vcpus, memory_mib, cmdline, console and cpu_template; arguments override the file.
+/// With no settings at all, the guest image installed by `guest-image/build.sh` boots
+/// with 1 vCPU and 128 MiB.
+#[derive(Parser, Debug)]
+#[command(name = "nestbox-vmm", version, verbatim_doc_comment)]
+struct Cli {
+    /// TOML configuration file; unknown keys are errors.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Guest kernel: an uncompressed ELF vmlinux with PVH support.
+    /// [default: $NESTBOX_GUEST_DIR/vmlinux, NESTBOX_GUEST_DIR defaults to /usr/local/share/nestbox]
+    #[arg(long, value_name = "PATH", verbatim_doc_comment)]
+    kernel: Option<PathBuf>,
+    /// Initramfs (cpio, uncompressed is fastest) whose /init is the guest's PID 1.
+    /// [default: $NESTBOX_GUEST_DIR/initramfs.cpio]
+    #[arg(long, value_name = "PATH", verbatim_doc_comment)]
+    initramfs: Option<PathBuf>,
+    /// Number of vCPUs, 1 to 254. [default: 1]
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB, at least 64 and at most the host's RAM. [default: 128]
+    #[arg(long, value_name = "MIB")]
+    memory_mib: Option<u64>,
+    /// Kernel parameters appended to nestbox's own (console, reboot, and those the CPU
+    /// template needs). `nestbox.selftest` makes the agent reboot the VM once it is ready.
+    #[arg(long, value_name = "PARAMS", verbatim_doc_comment)]
+    cmdline: Option<String>,
+    /// Where the serial console goes: `stdout` or a file path. [default: stdout]
+    #[arg(long, value_name = "PATH")]
+    console: Option<String>,
+    /// CPU features to hide: `auto` picks `pvm` on software-nested KVM (kvm_pvm), which
+    /// cannot run some instructions, and `none` elsewhere. [default: auto]
+    #[arg(long, value_enum, value_name = "TEMPLATE", verbatim_doc_comment)]
+    cpu_template: Option<CpuTemplate>,
+    /// Print CLOCK_MONOTONIC timestamps of start-up milestones to stderr.
+    #[arg(long)]
+    boot_timestamps: bool,
+}
+
+impl Cli {
+    fn settings(&self) -> FileConfig {
+        FileConfig {
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            cmdline: self.cmdline.clone(),
+            console: self.console.clone(),
+            cpu_template: self.cpu_template,
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<VmExit> {
+    let file = match &cli.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let host_memory = config::host_memory_mib().context("reading the host's memory size")?;
+    let config = VmConfig::build(file.merge(cli.settings()), host_memory)?;
+    let vmm = build_and_start(&config, RunOptions { boot_timestamps: cli.boot_timestamps })?;
+    Ok(vmm.wait())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(VmExit::Reset) | Ok(VmExit::PowerOff) => ExitCode::SUCCESS,
+        Ok(VmExit::TripleFault { vcpu }) => {
+            eprintln!("nestbox-vmm: error: the guest crashed (triple fault on vCPU {vcpu})");
+            ExitCode::FAILURE
+        }
+        Ok(VmExit::Error(reason)) => {
+            eprintln!("nestbox-vmm: error: {reason}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("nestbox-vmm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
