@@ -4,7 +4,7 @@
 use crate::arch::x86_64::{boot, cpuid::CpuTemplate};
 use crate::config::{Console, VmConfig};
 use crate::devices::bus::PioBus;
-use crate::devices::legacy::{i8042, serial, I8042, SerialConsole};
+use crate::devices::legacy::{i8042, serial, SerialConsole, I8042};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VmExit};
 use crate::vstate::{kvm, memory, vm};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -60,7 +60,8 @@ pub struct Vmm {
 impl Vmm {
     /// Blocks until the guest stops (or a vCPU fails) and says why.
     pub fn wait(self) -> VmExit {
-        let exit = self.exits.recv().unwrap_or_else(|_| VmExit::Error("every vCPU thread ended without a reason".into()));
+        let exit =
+            self.exits.recv().unwrap_or_else(|_| VmExit::Error("every vCPU thread ended without a reason".into()));
         if let Ok(mut console) = self.console.lock() {
             console.flush();
         }
@@ -85,7 +86,9 @@ fn open_console(console: &Console) -> Result<Box<dyn Write + Send>, BuildError> 
             .try_clone_to_owned()
             .map(File::from)
             .map_err(|source| BuildError::Console { path: "stdout".into(), source })?,
-        Console::File(path) => File::create(path).map_err(|source| BuildError::Console { path: path.clone(), source })?,
+        Console::File(path) => {
+            File::create(path).map_err(|source| BuildError::Console { path: path.clone(), source })?
+        }
     };
     Ok(Box::new(file))
 }
@@ -104,7 +107,14 @@ pub fn build_and_start(config: &VmConfig, options: RunOptions) -> Result<Vmm, Bu
     let vm = vm::create(&kvm, &guest_memory)?;
 
     let cmdline = boot::kernel_cmdline(template, &config.cmdline)?;
-    let entry = boot::load_guest(&guest_memory, config.memory_bytes(), &config.kernel, &config.initramfs, &cmdline, config.vcpus)?;
+    let entry = boot::load_guest(
+        &guest_memory,
+        config.memory_bytes(),
+        &config.kernel,
+        &config.initramfs,
+        &cmdline,
+        config.vcpus,
+    )?;
 
     let (exit_tx, exits) = channel();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::SerialIrq)?;

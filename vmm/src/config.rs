@@ -204,7 +204,8 @@ mod tests {
 
     #[test]
     fn limits_are_checked() {
-        let with = |vcpus, memory_mib| FileConfig { vcpus: Some(vcpus), memory_mib: Some(memory_mib), ..Default::default() };
+        let with =
+            |vcpus, memory_mib| FileConfig { vcpus: Some(vcpus), memory_mib: Some(memory_mib), ..Default::default() };
         assert_eq!(VmConfig::build(with(0, 128), HOST), Err(ConfigError::Vcpus(0)));
         assert_eq!(VmConfig::build(with(255, 128), HOST), Err(ConfigError::Vcpus(255)));
         assert_eq!(VmConfig::build(with(1, 16), HOST), Err(ConfigError::MemoryTooSmall(16)));

@@ -30,7 +30,8 @@ pub struct BusOverlap {
 impl PioBus {
     /// Builds a bus from (first port, number of ports, device) triples.
     pub fn new(devices: Vec<(u16, u16, Arc<Mutex<dyn PioDevice>>)>) -> Result<PioBus, BusOverlap> {
-        let mut ranges: Vec<Range> = devices.into_iter().map(|(base, len, device)| Range { base, len, device }).collect();
+        let mut ranges: Vec<Range> =
+            devices.into_iter().map(|(base, len, device)| Range { base, len, device }).collect();
         ranges.sort_by_key(|r| r.base);
         for pair in ranges.windows(2) {
             if u32::from(pair[0].base) + u32::from(pair[0].len) > u32::from(pair[1].base) {

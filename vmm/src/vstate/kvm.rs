@@ -9,7 +9,9 @@ const KVM_API_VERSION: i32 = 12;
 pub enum KvmError {
     #[error("{KVM_DEVICE} does not exist: this host offers no KVM (enable hardware virtualization or nested virtualization, and load the kvm module)")]
     Missing,
-    #[error("permission denied opening {KVM_DEVICE}: run as root or as a member of the group that owns it (usually `kvm`)")]
+    #[error(
+        "permission denied opening {KVM_DEVICE}: run as root or as a member of the group that owns it (usually `kvm`)"
+    )]
     PermissionDenied,
     #[error("cannot open {KVM_DEVICE}: {0}")]
     Open(std::io::Error),

@@ -37,7 +37,11 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn create(vm: &VmFd, index: u8) -> Result<Vcpu, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Kvm { index, what: "KVM_CREATE_VCPU", source })?;
+        let fd = vm.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Kvm {
+            index,
+            what: "KVM_CREATE_VCPU",
+            source,
+        })?;
         Ok(Vcpu { index, fd })
     }
 
@@ -48,7 +52,13 @@ impl Vcpu {
     /// Sets CPUID, MSRs, registers, FPU and local APIC for PVH entry at `entry_point`.
     /// Every vCPU gets the boot state; the secondary ones are started by the guest
     /// through INIT/SIPI, which KVM's local APIC handles.
-    pub fn configure(&self, supported_cpuid: &CpuId, num_cpus: u8, template: cpuid::CpuTemplate, entry_point: u64) -> Result<(), VcpuError> {
+    pub fn configure(
+        &self,
+        supported_cpuid: &CpuId,
+        num_cpus: u8,
+        template: cpuid::CpuTemplate,
+        entry_point: u64,
+    ) -> Result<(), VcpuError> {
         let index = self.index;
         let kvm = |what| move |source| VcpuError::Kvm { index, what, source };
 
@@ -57,7 +67,8 @@ impl Vcpu {
         self.fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
 
         let boot_msrs = regs::boot_msrs();
-        let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VcpuError::Msrs { index, set: 0, total: boot_msrs.len() })?;
+        let msrs =
+            Msrs::from_entries(&boot_msrs).map_err(|_| VcpuError::Msrs { index, set: 0, total: boot_msrs.len() })?;
         let set = self.fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
         if set != boot_msrs.len() {
             return Err(VcpuError::Msrs { index, set, total: boot_msrs.len() });
@@ -75,7 +86,12 @@ impl Vcpu {
 
     /// Runs the vCPU on its own thread until the guest stops; the reason goes to `exits`.
     /// `on_first_run` is called just before the first KVM_RUN.
-    pub fn start(mut self, bus: PioBus, exits: Sender<VmExit>, on_first_run: Option<Box<dyn FnOnce() + Send>>) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn start(
+        mut self,
+        bus: PioBus,
+        exits: Sender<VmExit>,
+        on_first_run: Option<Box<dyn FnOnce() + Send>>,
+    ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))

@@ -41,8 +41,7 @@ pub fn create(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
         };
         // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`,
         // which the caller keeps alive for as long as the VM runs.
-        unsafe { vm.set_user_memory_region(memory_region) }
-            .map_err(|source| VmError::MemoryRegion { slot, source })?;
+        unsafe { vm.set_user_memory_region(memory_region) }.map_err(|source| VmError::MemoryRegion { slot, source })?;
     }
     Ok(vm)
 }

@@ -38,7 +38,9 @@ pub enum BootError {
     KernelNoPvh { path: PathBuf },
     #[error("initramfs {path}: {source}")]
     InitramfsOpen { path: PathBuf, source: std::io::Error },
-    #[error("initramfs {path} ({size} bytes) does not fit in guest memory after the kernel; give the guest more memory")]
+    #[error(
+        "initramfs {path} ({size} bytes) does not fit in guest memory after the kernel; give the guest more memory"
+    )]
     InitramfsTooLarge { path: PathBuf, size: u64 },
     #[error("kernel command line: {0}")]
     Cmdline(#[from] linux_loader::cmdline::Error),
@@ -89,8 +91,7 @@ pub fn load_guest(
     cmdline: &Cmdline,
     num_cpus: u8,
 ) -> Result<BootEntry, BootError> {
-    let mut kernel_file =
-        File::open(kernel).map_err(|source| BootError::KernelOpen { path: kernel.into(), source })?;
+    let mut kernel_file = File::open(kernel).map_err(|source| BootError::KernelOpen { path: kernel.into(), source })?;
     let mut header = Vec::with_capacity(0x206);
     (&mut kernel_file)
         .take(0x206)
@@ -108,10 +109,8 @@ pub fn load_guest(
 
     let mut initramfs_file =
         File::open(initramfs).map_err(|source| BootError::InitramfsOpen { path: initramfs.into(), source })?;
-    let initramfs_size = initramfs_file
-        .metadata()
-        .map_err(|source| BootError::InitramfsOpen { path: initramfs.into(), source })?
-        .len();
+    let initramfs_size =
+        initramfs_file.metadata().map_err(|source| BootError::InitramfsOpen { path: initramfs.into(), source })?.len();
     let initramfs_addr = layout::initramfs_address(mem_size, initramfs_size, loaded.kernel_end)
         .ok_or_else(|| BootError::InitramfsTooLarge { path: initramfs.into(), size: initramfs_size })?;
     mem.read_exact_volatile_from(GuestAddress(initramfs_addr), &mut initramfs_file, initramfs_size as usize)?;
@@ -128,7 +127,12 @@ pub fn load_guest(
     Ok(BootEntry { entry_point })
 }
 
-fn write_pvh_start_info(mem: &GuestMemoryMmap, mem_size: u64, initramfs_addr: u64, initramfs_size: u64) -> Result<(), BootError> {
+fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    initramfs_addr: u64,
+    initramfs_size: u64,
+) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = layout::memory_map(mem_size)
         .into_iter()
         .map(|e| hvm_memmap_table_entry {

@@ -39,10 +39,7 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, u64)> {
     if mem_size <= MMIO_GAP_START {
         vec![(GuestAddress(0), mem_size)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_GAP_START),
-            (GuestAddress(MMIO_GAP_END), mem_size - MMIO_GAP_START),
-        ]
+        vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), mem_size - MMIO_GAP_START)]
     }
 }
 
@@ -72,11 +69,7 @@ pub fn memory_map(mem_size: u64) -> Vec<MemoryMapEntry> {
             map.push(MemoryMapEntry { addr: start, size: end - start, kind: MemoryKind::Ram });
         }
     }
-    map.push(MemoryMapEntry {
-        addr: MMIO_GAP_START,
-        size: MMIO_GAP_END - MMIO_GAP_START,
-        kind: MemoryKind::Reserved,
-    });
+    map.push(MemoryMapEntry { addr: MMIO_GAP_START, size: MMIO_GAP_END - MMIO_GAP_START, kind: MemoryKind::Reserved });
     map.sort_by_key(|e| e.addr);
     map
 }

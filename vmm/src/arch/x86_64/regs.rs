@@ -49,12 +49,7 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
 
 /// The boot GDT: null, 32-bit code, data, TSS.
 pub fn boot_gdt() -> [u64; 4] {
-    [
-        0,
-        gdt_entry(GDT_CODE32, 0, 0xf_ffff),
-        gdt_entry(GDT_DATA, 0, 0xf_ffff),
-        gdt_entry(GDT_TSS, 0, 0xf_ffff),
-    ]
+    [0, gdt_entry(GDT_CODE32, 0, 0xf_ffff), gdt_entry(GDT_DATA, 0, 0xf_ffff), gdt_entry(GDT_TSS, 0, 0xf_ffff)]
 }
 
 /// Special registers for PVH entry, starting from what KVM reports.

@@ -1,0 +1,115 @@
+//! Helpers shared by nestbox's integration tests: building and locating the project's
+//! binaries, finding the installed guest image, and running processes with a deadline.
+//!
+//! Guests are slow on software-nested KVM (a boot takes about a minute, twice that
+//! while the other core is busy), so deadlines here are generous: they catch a hung
+//! guest, they do not measure speed.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How long a guest may take to boot and run a self-test before it counts as hung.
+pub const GUEST_DEADLINE: Duration = Duration::from_secs(600);
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the workspace").to_path_buf()
+}
+
+/// Builds (once per test process) and returns the path of one of the workspace's
+/// binaries, so a test never runs a stale build.
+pub fn binary(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let path = target_dir.join("debug").join(bin);
+    if !built.iter().any(|b| b == bin) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build of {bin} failed");
+        built.push(bin.to_string());
+    }
+    path
+}
+
+/// The installed guest image (`guest-image/build.sh`), honouring NESTBOX_GUEST_DIR.
+pub fn guest_image() -> (PathBuf, PathBuf) {
+    let dir = std::env::var_os("NESTBOX_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/share/nestbox"));
+    let (kernel, initramfs) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+    assert!(
+        kernel.exists() && initramfs.exists(),
+        "guest image missing in {}: run guest-image/build.sh",
+        dir.display()
+    );
+    (kernel, initramfs)
+}
+
+/// What a finished process left: its status and everything it wrote.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Runs `cmd` to completion, killing it (and failing the test) after `deadline`.
+pub fn run_with_deadline(cmd: &mut Command, deadline: Duration) -> Finished {
+    let start = Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning");
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let status = wait_until(&mut child, deadline);
+    let finished = Finished {
+        status: status.unwrap_or_else(|| {
+            let _ = child.kill();
+            child.wait().expect("reaping a killed child")
+        }),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+    };
+    assert!(
+        status.is_some(),
+        "{cmd:?} still running after {deadline:?}; killed.\nstdout:\n{}\nstderr:\n{}",
+        finished.stdout,
+        finished.stderr
+    );
+    finished
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut out);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+fn wait_until(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if let Some(status) = child.try_wait().expect("waiting for child") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// The host's kernel release (`uname -r`).
+pub fn host_kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("reading osrelease").trim().to_string()
+}
