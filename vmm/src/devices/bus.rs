@@ -9,10 +9,13 @@ pub trait PioDevice: Send {
     fn write(&mut self, offset: u16, data: &[u8]);
 }
 
+/// A device as the bus and its owner share it.
+pub type SharedPioDevice = Arc<Mutex<dyn PioDevice>>;
+
 struct Range {
     base: u16,
     len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+    device: SharedPioDevice,
 }
 
 #[derive(Default, Clone)]
@@ -29,7 +32,7 @@ pub struct BusOverlap {
 
 impl PioBus {
     /// Builds a bus from (first port, number of ports, device) triples.
-    pub fn new(devices: Vec<(u16, u16, Arc<Mutex<dyn PioDevice>>)>) -> Result<PioBus, BusOverlap> {
+    pub fn new(devices: Vec<(u16, u16, SharedPioDevice)>) -> Result<PioBus, BusOverlap> {
         let mut ranges: Vec<Range> =
             devices.into_iter().map(|(base, len, device)| Range { base, len, device }).collect();
         ranges.sort_by_key(|r| r.base);
