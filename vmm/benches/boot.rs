@@ -131,7 +131,7 @@ fn main() {
     let with_qemu = !args.iter().any(|a| a == "--no-qemu");
     let (kernel, initramfs) = (guest_dir().join("vmlinux"), guest_dir().join("initramfs.cpio"));
     let template = CpuTemplate::Auto.resolve();
-    let cmdline = kernel_cmdline(template, "").unwrap().as_cstring().unwrap().into_string().unwrap();
+    let cmdline = kernel_cmdline(template, &[], "").unwrap().as_cstring().unwrap().into_string().unwrap();
 
     eprintln!("start-up: {runs} runs");
     let mut starts: Vec<f64> = (0..runs).map(|_| start_to_first_run()).collect();

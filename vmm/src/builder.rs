@@ -1,14 +1,17 @@
 //! From a validated configuration to a running VM, in one readable pass:
-//! KVM → guest memory → VM with irqchip and PIT → guest loaded → devices → vCPUs.
+//! KVM → guest memory → VM with irqchip and PIT → devices → guest loaded → vCPUs.
 
-use crate::arch::x86_64::{boot, cpuid::CpuTemplate};
+use crate::arch::x86_64::{boot, cpuid::CpuTemplate, layout};
 use crate::config::{Console, VmConfig};
-use crate::devices::bus::PioBus;
+use crate::devices::bus::{Bus, SharedDevice};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use crate::devices::virtio::vsock::{device::VsockError, VsockDevice};
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::legacy::{i8042, serial, SerialConsole, I8042};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VmExit};
 use crate::vstate::{kvm, memory, vm};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -40,6 +43,12 @@ pub enum BuildError {
     Bus(#[from] crate::devices::bus::BusOverlap),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error("virtio device setup: {0}")]
+    Virtio(String),
+    #[error("too many virtio devices: {} interrupt lines are available", layout::VIRTIO_IRQ_LAST - layout::VIRTIO_IRQ_FIRST + 1)]
+    TooManyDevices,
 }
 
 /// Options that change how the VMM reports, not what the guest is.
@@ -53,6 +62,8 @@ pub struct RunOptions {
 pub struct Vmm {
     exits: Receiver<VmExit>,
     console: Arc<Mutex<SerialConsole>>,
+    /// Host files the devices created (vsock sockets), removed when the VM ends.
+    cleanup_paths: Vec<PathBuf>,
     _vm: VmFd,
     _memory: GuestMemoryMmap,
 }
@@ -64,6 +75,9 @@ impl Vmm {
             self.exits.recv().unwrap_or_else(|_| VmExit::Error("every vCPU thread ended without a reason".into()));
         if let Ok(mut console) = self.console.lock() {
             console.flush();
+        }
+        for path in &self.cleanup_paths {
+            let _ = std::fs::remove_file(path);
         }
         exit
     }
@@ -105,18 +119,9 @@ pub fn build_and_start(config: &VmConfig, options: RunOptions) -> Result<Vmm, Bu
 
     let guest_memory = memory::create_guest_memory(config.memory_bytes())?;
     let vm = vm::create(&kvm, &guest_memory)?;
-
-    let cmdline = boot::kernel_cmdline(template, &config.cmdline)?;
-    let entry = boot::load_guest(
-        &guest_memory,
-        config.memory_bytes(),
-        &config.kernel,
-        &config.initramfs,
-        &cmdline,
-        config.vcpus,
-    )?;
-
     let (exit_tx, exits) = channel();
+
+    // Legacy devices on port I/O.
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::SerialIrq)?;
     vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
         .map_err(|e| BuildError::SerialIrq(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -125,10 +130,23 @@ pub fn build_and_start(config: &VmConfig, options: RunOptions) -> Result<Vmm, Bu
     let i8042 = Arc::new(Mutex::new(I8042::new(move || {
         let _ = reset_tx.send(VmExit::Reset);
     })));
-    let bus = PioBus::new(vec![
+    let pio = Bus::new(vec![
         (serial::COM1_BASE, serial::COM1_PORTS, console.clone() as _),
         (i8042::I8042_BASE, i8042::I8042_PORTS, i8042 as _),
     ])?;
+
+    // virtio devices on MMIO, declared to the guest on its command line.
+    let mut virtio = VirtioDevices::default();
+    let mut cleanup_paths = Vec::new();
+    if let Some(socket) = &config.vsock_socket {
+        let vsock = VsockDevice::new(config.vsock_cid, socket)?;
+        cleanup_paths.push(vsock.uds_path().to_path_buf());
+        virtio.attach(&vm, &guest_memory, Box::new(vsock))?;
+    }
+    let mmio = Bus::new(virtio.bus_entries)?;
+
+    let cmdline = boot::kernel_cmdline(template, &virtio.kernel_params, &config.cmdline)?;
+    let entry = boot::load_guest(&guest_memory, config.memory_bytes(), &config.kernel, &config.initramfs, &cmdline, config.vcpus)?;
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
@@ -140,7 +158,39 @@ pub fn build_and_start(config: &VmConfig, options: RunOptions) -> Result<Vmm, Bu
         let first_run: Option<Box<dyn FnOnce() + Send>> = (options.boot_timestamps && vcpu.index() == 0)
             .then(|| Box::new(|| eprintln!("nestbox-vmm: timestamp first_kvm_run {}", monotonic_ns())) as _);
         // Threads are detached: the VMM process ends with the VM, taking them along.
-        vcpu.start(bus.clone(), exit_tx.clone(), first_run)?;
+        vcpu.start(pio.clone(), mmio.clone(), exit_tx.clone(), first_run)?;
     }
-    Ok(Vmm { exits, console, _vm: vm, _memory: guest_memory })
+    Ok(Vmm { exits, console, cleanup_paths, _vm: vm, _memory: guest_memory })
+}
+
+/// virtio-mmio devices being placed: each gets the next register window and interrupt.
+#[derive(Default)]
+struct VirtioDevices {
+    bus_entries: Vec<(u64, u64, SharedDevice)>,
+    kernel_params: Vec<String>,
+}
+
+impl VirtioDevices {
+    fn attach(&mut self, vm: &VmFd, memory: &GuestMemoryMmap, device: Box<dyn VirtioDevice>) -> Result<(), BuildError> {
+        let index = self.bus_entries.len() as u64;
+        let irq = layout::VIRTIO_IRQ_FIRST + index as u32;
+        if irq > layout::VIRTIO_IRQ_LAST {
+            return Err(BuildError::TooManyDevices);
+        }
+        let base = layout::VIRTIO_MMIO_START + index * MMIO_WINDOW;
+        let kvm_err = |what| move |e: kvm_ioctls::Error| BuildError::Virtio(format!("{what}: {e}"));
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Virtio(format!("irqfd: {e}")))?;
+        vm.register_irqfd(&irqfd, irq).map_err(kvm_err("KVM_IRQFD"))?;
+        let transport = MmioTransport::new(device, memory.clone(), Arc::new(Interrupt::new(irqfd)))
+            .map_err(|e| BuildError::Virtio(e.to_string()))?;
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            // Notifications of queue `queue` become eventfd signals inside KVM: the vCPU
+            // does not exit to the VMM for them.
+            vm.register_ioevent(event, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), queue as u32)
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        self.bus_entries.push((base, MMIO_WINDOW, Arc::new(Mutex::new(transport))));
+        self.kernel_params.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        Ok(())
+    }
 }

@@ -4,6 +4,7 @@
 
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable;
+use crate::devices::virtio::vsock::DEFAULT_GUEST_CID;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -44,6 +45,9 @@ pub struct VmConfig {
     pub cmdline: String,
     pub console: Console,
     pub cpu_template: CpuTemplate,
+    /// Host socket of the hybrid vsock device; no vsock device without it.
+    pub vsock_socket: Option<PathBuf>,
+    pub vsock_cid: u64,
 }
 
 /// The configuration file: every key optional, unknown keys are errors.
@@ -57,6 +61,8 @@ pub struct FileConfig {
     pub cmdline: Option<String>,
     pub console: Option<String>,
     pub cpu_template: Option<CpuTemplate>,
+    pub vsock_socket: Option<PathBuf>,
+    pub vsock_cid: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,6 +77,8 @@ pub enum ConfigError {
     MemoryTooSmall(u64),
     #[error("memory_mib = {requested}: more than this host's {host} MiB of RAM")]
     MemoryTooLarge { requested: u64, host: u64 },
+    #[error("vsock_cid = {0}: guest CIDs are 3 to 4294967294 (0-2 and 0xffffffff are reserved)")]
+    VsockCid(u64),
 }
 
 impl FileConfig {
@@ -99,6 +107,8 @@ impl FileConfig {
             },
             console: over.console.or(self.console),
             cpu_template: over.cpu_template.or(self.cpu_template),
+            vsock_socket: over.vsock_socket.or(self.vsock_socket),
+            vsock_cid: over.vsock_cid.or(self.vsock_cid),
         }
     }
 }
@@ -119,7 +129,12 @@ impl VmConfig {
             cmdline: file.cmdline.unwrap_or_default(),
             console: file.console.as_deref().map(Console::parse).unwrap_or(Console::Stdout),
             cpu_template: file.cpu_template.unwrap_or(CpuTemplate::Auto),
+            vsock_socket: file.vsock_socket,
+            vsock_cid: file.vsock_cid.unwrap_or(DEFAULT_GUEST_CID),
         };
+        if config.vsock_cid <= 2 || config.vsock_cid >= u64::from(u32::MAX) {
+            return Err(ConfigError::VsockCid(config.vsock_cid));
+        }
         if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
             return Err(ConfigError::Vcpus(config.vcpus));
         }
@@ -168,7 +183,7 @@ mod tests {
     #[test]
     fn file_keys_parse() {
         let f = FileConfig::parse(
-            "kernel = \"/k\"\ninitramfs = \"/i\"\nvcpus = 2\nmemory_mib = 256\ncmdline = \"quiet\"\nconsole = \"/tmp/c.log\"\ncpu_template = \"pvm\"\n",
+            "kernel = \"/k\"\ninitramfs = \"/i\"\nvcpus = 2\nmemory_mib = 256\ncmdline = \"quiet\"\nconsole = \"/tmp/c.log\"\ncpu_template = \"pvm\"\nvsock_socket = \"/run/v.sock\"\nvsock_cid = 7\n",
         )
         .unwrap();
         let c = VmConfig::build(f, HOST).unwrap();
@@ -177,6 +192,8 @@ mod tests {
         assert_eq!(c.memory_mib, 256);
         assert_eq!(c.console, Console::File("/tmp/c.log".into()));
         assert_eq!(c.cpu_template, CpuTemplate::Pvm);
+        assert_eq!(c.vsock_socket, Some(PathBuf::from("/run/v.sock")));
+        assert_eq!(c.vsock_cid, 7);
     }
 
     #[test]
@@ -214,6 +231,9 @@ mod tests {
             Err(ConfigError::MemoryTooLarge { requested: HOST + 1, host: HOST })
         );
         assert!(VmConfig::build(with(254, HOST), HOST).is_ok());
+        let cid = |c| FileConfig { vsock_cid: Some(c), ..Default::default() };
+        assert_eq!(VmConfig::build(cid(2), HOST), Err(ConfigError::VsockCid(2)));
+        assert!(VmConfig::build(cid(3), HOST).is_ok());
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::process::ExitCode;
 /// serial console. Exits 0 when the guest reboots or powers off, 1 on any error.
 ///
 /// Every setting can come from a TOML file (`--config`) with the keys kernel, initramfs,
-/// vcpus, memory_mib, cmdline, console and cpu_template; arguments override the file.
+/// vcpus, memory_mib, cmdline, console, cpu_template, vsock_socket and vsock_cid;
+/// arguments override the file.
 /// With no settings at all, the guest image installed by `guest-image/build.sh` boots
 /// with 1 vCPU and 128 MiB.
 #[derive(Parser, Debug)]
@@ -46,6 +47,14 @@ struct Cli {
     /// cannot run some instructions, and `none` elsewhere. [default: auto]
     #[arg(long, value_enum, value_name = "TEMPLATE", verbatim_doc_comment)]
     cpu_template: Option<CpuTemplate>,
+    /// Host Unix socket of a hybrid vsock device: connect, write `CONNECT <port>\n`, read
+    /// `OK <host-port>\n`, then talk to the guest's listener on <port>. Guest
+    /// connections to CID 2 port P go to `<PATH>_P`. No vsock device without it.
+    #[arg(long, value_name = "PATH", verbatim_doc_comment)]
+    vsock_socket: Option<PathBuf>,
+    /// The guest's vsock CID. [default: 3]
+    #[arg(long, value_name = "CID")]
+    vsock_cid: Option<u64>,
     /// Print CLOCK_MONOTONIC timestamps of start-up milestones to stderr.
     #[arg(long)]
     boot_timestamps: bool,
@@ -61,6 +70,8 @@ impl Cli {
             cmdline: self.cmdline.clone(),
             console: self.console.clone(),
             cpu_template: self.cpu_template,
+            vsock_socket: self.vsock_socket.clone(),
+            vsock_cid: self.vsock_cid,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Emulated devices and the port I/O bus that routes vCPU exits to them.
+//! Emulated devices and the buses that route vCPU exits to them.
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;

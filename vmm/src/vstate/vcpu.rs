@@ -1,7 +1,7 @@
 //! vCPUs: initial state for PVH boot and the run loop, one thread each.
 
 use crate::arch::x86_64::{cpuid, regs};
-use crate::devices::bus::PioBus;
+use crate::devices::bus::Bus;
 use kvm_bindings::{CpuId, Msrs, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use std::sync::mpsc::Sender;
@@ -88,7 +88,7 @@ impl Vcpu {
     /// `on_first_run` is called just before the first KVM_RUN.
     pub fn start(
         mut self,
-        bus: PioBus,
+        pio: Bus, mmio: Bus,
         exits: Sender<VmExit>,
         on_first_run: Option<Box<dyn FnOnce() + Send>>,
     ) -> Result<JoinHandle<()>, VcpuError> {
@@ -99,21 +99,20 @@ impl Vcpu {
                 if let Some(hook) = on_first_run {
                     hook();
                 }
-                let exit = self.run(&bus);
+                let exit = self.run(&pio, &mmio);
                 // The receiver only goes away when the VMM is already stopping.
                 let _ = exits.send(exit);
             })
             .map_err(|source| VcpuError::Thread { index, source })
     }
 
-    fn run(&mut self, bus: &PioBus) -> VmExit {
+    fn run(&mut self, pio: &Bus, mmio: &Bus) -> VmExit {
         loop {
             match self.fd.run() {
-                Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
-                Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
-                // No MMIO devices yet: reads of unclaimed addresses see zeros.
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
-                Ok(VcpuExit::MmioWrite(..)) => {}
+                Ok(VcpuExit::IoIn(port, data)) => pio.read(u64::from(port), data),
+                Ok(VcpuExit::IoOut(port, data)) => pio.write(u64::from(port), data),
+                Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
                 // With the in-kernel local APIC, HLT is handled in KVM; should one reach
                 // us anyway, running again waits for the next interrupt.
                 Ok(VcpuExit::Hlt) => {}

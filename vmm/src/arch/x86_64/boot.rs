@@ -53,10 +53,11 @@ pub enum BootError {
 }
 
 /// The complete kernel command line: nestbox's base parameters, those the CPU template
-/// needs, then the user's.
-pub fn kernel_cmdline(template: CpuTemplate, extra: &str) -> Result<Cmdline, BootError> {
+/// needs, the device declarations (`virtio_mmio.device=...`), then the user's.
+pub fn kernel_cmdline(template: CpuTemplate, devices: &[String], extra: &str) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE)?;
-    for part in [BASE_KERNEL_PARAMS, template.kernel_params(), extra.trim()] {
+    let parts = [BASE_KERNEL_PARAMS, template.kernel_params()].into_iter().chain(devices.iter().map(String::as_str));
+    for part in parts.chain([extra.trim()]) {
         if !part.is_empty() {
             cmdline.insert_str(part)?;
         }
@@ -169,25 +170,27 @@ mod tests {
 
     #[test]
     fn cmdline_is_base_then_template_then_user() {
-        let c = kernel_cmdline(CpuTemplate::Pvm, "  nestbox.selftest quiet ").unwrap();
+        let devices = ["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        let c = kernel_cmdline(CpuTemplate::Pvm, &devices, "  nestbox.selftest quiet ").unwrap();
         let s = c.as_cstring().unwrap().into_string().unwrap();
         assert!(s.starts_with(BASE_KERNEL_PARAMS), "{s}");
         let template_at = s.find("noxsave").unwrap();
+        let device_at = s.find("virtio_mmio.device=4K@0xd0000000:5").unwrap();
         let user_at = s.find("nestbox.selftest").unwrap();
-        assert!(BASE_KERNEL_PARAMS.len() < template_at && template_at < user_at, "{s}");
+        assert!(BASE_KERNEL_PARAMS.len() < template_at && template_at < device_at && device_at < user_at, "{s}");
         assert!(s.ends_with("quiet"));
     }
 
     #[test]
     fn cmdline_without_template_or_extra() {
-        let c = kernel_cmdline(CpuTemplate::None, "").unwrap();
+        let c = kernel_cmdline(CpuTemplate::None, &[], "").unwrap();
         assert_eq!(c.as_cstring().unwrap().to_str().unwrap(), BASE_KERNEL_PARAMS);
     }
 
     #[test]
     fn cmdline_too_long_is_an_error() {
         let long = "x".repeat(layout::CMDLINE_MAX_SIZE);
-        assert!(matches!(kernel_cmdline(CpuTemplate::None, &long), Err(BootError::Cmdline(_))));
+        assert!(matches!(kernel_cmdline(CpuTemplate::None, &[], &long), Err(BootError::Cmdline(_))));
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub const MPTABLE_START: u64 = EBDA_START;
 pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xd000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// virtio-mmio devices sit at the start of the MMIO gap, one 4 KiB window each.
+pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START;
+/// Interrupt lines of virtio-mmio devices: the I/O APIC pins above the legacy devices'
+/// (4 is COM1), so at most 19 virtio devices.
+pub const VIRTIO_IRQ_FIRST: u32 = 5;
+pub const VIRTIO_IRQ_LAST: u32 = 23;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const APIC_ADDR: u32 = 0xfee0_0000;
 pub const PAGE_SIZE: u64 = 0x1000;

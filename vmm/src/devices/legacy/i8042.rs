@@ -1,12 +1,12 @@
 //! Just enough of the i8042 keyboard controller for the guest to reboot through it
 //! (`reboot=k`): the reset command ends the VM. No keyboard or mouse is attached.
 
-use super::super::bus::PioDevice;
+use super::super::bus::BusDevice;
 
 /// Ports 0x60 (data) and 0x64 (status/command), registered as one range of 5 ports.
-pub const I8042_BASE: u16 = 0x60;
-pub const I8042_PORTS: u16 = 5;
-const COMMAND_OFFSET: u16 = 4;
+pub const I8042_BASE: u64 = 0x60;
+pub const I8042_PORTS: u64 = 5;
+const COMMAND_OFFSET: u64 = 4;
 /// "Pulse output line 0": wired to the CPU reset on a PC.
 const CMD_RESET_CPU: u8 = 0xfe;
 
@@ -21,15 +21,15 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Status 0: output buffer empty, input buffer empty, so the kernel's wait for a
         // ready controller before the reset command ends at once. Port 0x61 (offset 1)
         // is the PIT's speaker port, handled in KVM, and never reaches us.
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
             (self.on_reset)();
         }

@@ -1,13 +1,13 @@
 //! The guest's console: a 16550A UART (vm-superio) at COM1, its output written to
 //! stdout or a file, its interrupt delivered through an irqfd.
 
-use super::super::bus::PioDevice;
+use super::super::bus::BusDevice;
 use std::io::Write;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-pub const COM1_BASE: u16 = 0x3f8;
-pub const COM1_PORTS: u16 = 8;
+pub const COM1_BASE: u64 = 0x3f8;
+pub const COM1_PORTS: u64 = 8;
 pub const COM1_IRQ: u32 = 4;
 
 /// Raises the serial interrupt by signalling the eventfd KVM listens on (irqfd).
@@ -38,15 +38,15 @@ impl SerialConsole {
     }
 }
 
-impl PioDevice for SerialConsole {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (data, u8::try_from(offset)) {
             ([byte], Ok(offset)) => *byte = self.uart.read(offset),
             (data, _) => data.fill(0xff),
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
             // A console that cannot be written (a full disk, a closed pipe) must not
             // stop the guest: the byte is lost, the guest runs on.

@@ -1,0 +1,36 @@
+//! nestbox's agent API, shared by the host (shim, tests) and the guest (nestbox-agent).
+//!
+//! - [`agent`], [`types`]: the messages of `protos/agent.proto` and `protos/types.proto`;
+//! - [`agent_ttrpc`]: [`agent_ttrpc::AgentServiceClient`] (host) and the
+//!   [`agent_ttrpc::AgentService`] trait with [`agent_ttrpc::create_agent_service`] (guest),
+//!   served as ttrpc service `nestbox.agent.v1.AgentService` on vsock port [`AGENT_PORT`];
+//! - [`hybrid`]: the host side of Firecracker-style hybrid vsock (a Unix socket into the VMM);
+//! - [`vsock_test`]: the guest's vsock test services, for tests of the VMM's vsock device.
+//!
+//! The code is generated at build time by ttrpc-codegen (sync ttrpc API) from the .proto
+//! files; the re-exported [`ttrpc`] and [`protobuf`] are the versions it was generated for.
+
+pub use protobuf;
+pub use ttrpc;
+
+include!(concat!(env!("OUT_DIR"), "/modules.rs"));
+
+pub mod hybrid;
+pub mod vsock_test;
+
+/// The guest vsock port the agent serves its ttrpc API on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// The ttrpc service name of the agent API (the method path is `/<service>/<Method>`).
+pub const AGENT_SERVICE: &str = "nestbox.agent.v1.AgentService";
+
+/// Starts a ttrpc agent client on a connected stream: one from [`hybrid::connect`] (a
+/// guest), or a Unix socket of an agent in host mode (`nestbox-agent --listen unix://...`).
+pub fn agent_client(stream: std::os::unix::net::UnixStream) -> Result<agent_ttrpc::AgentServiceClient, ttrpc::Error> {
+    use std::os::fd::IntoRawFd;
+    // ttrpc's client takes ownership of the descriptor and closes it when the last clone
+    // of the client is dropped. (Should ttrpc fail to set up its own socket pair here, it
+    // fails before taking the descriptor, which then stays open: only when out of fds.)
+    let client = ttrpc::Client::new(stream.into_raw_fd())?;
+    Ok(agent_ttrpc::AgentServiceClient::new(client))
+}
