@@ -4,10 +4,10 @@
 use crate::arch::x86_64::{boot, cpuid::CpuTemplate, layout};
 use crate::config::{Console, VmConfig};
 use crate::devices::bus::{Bus, SharedDevice};
+use crate::devices::legacy::{i8042, serial, SerialConsole, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::{device::VsockError, VsockDevice};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
-use crate::devices::legacy::{i8042, serial, SerialConsole, I8042};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VmExit};
 use crate::vstate::{kvm, memory, vm};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -146,7 +146,14 @@ pub fn build_and_start(config: &VmConfig, options: RunOptions) -> Result<Vmm, Bu
     let mmio = Bus::new(virtio.bus_entries)?;
 
     let cmdline = boot::kernel_cmdline(template, &virtio.kernel_params, &config.cmdline)?;
-    let entry = boot::load_guest(&guest_memory, config.memory_bytes(), &config.kernel, &config.initramfs, &cmdline, config.vcpus)?;
+    let entry = boot::load_guest(
+        &guest_memory,
+        config.memory_bytes(),
+        &config.kernel,
+        &config.initramfs,
+        &cmdline,
+        config.vcpus,
+    )?;
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {

@@ -35,7 +35,8 @@ pub struct BusOverlap {
 impl Bus {
     /// Builds a bus from (base address, length, device) triples.
     pub fn new(devices: Vec<(u64, u64, SharedDevice)>) -> Result<Bus, BusOverlap> {
-        let mut ranges: Vec<Range> = devices.into_iter().map(|(base, len, device)| Range { base, len, device }).collect();
+        let mut ranges: Vec<Range> =
+            devices.into_iter().map(|(base, len, device)| Range { base, len, device }).collect();
         ranges.sort_by_key(|r| r.base);
         for pair in ranges.windows(2) {
             if pair[0].base.saturating_add(pair[0].len) > pair[1].base {

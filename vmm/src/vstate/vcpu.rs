@@ -88,7 +88,8 @@ impl Vcpu {
     /// `on_first_run` is called just before the first KVM_RUN.
     pub fn start(
         mut self,
-        pio: Bus, mmio: Bus,
+        pio: Bus,
+        mmio: Bus,
         exits: Sender<VmExit>,
         on_first_run: Option<Box<dyn FnOnce() + Send>>,
     ) -> Result<JoinHandle<()>, VcpuError> {

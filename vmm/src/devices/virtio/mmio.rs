@@ -146,18 +146,17 @@ impl MmioTransport {
         match offset {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            REG_DRIVER_FEATURES => {
-                if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER {
-                    let shift = match self.driver_features_sel {
-                        0 => 0,
-                        1 => 32,
-                        _ => return,
-                    };
-                    let mask = 0xffff_ffffu64 << shift;
-                    // The driver may only accept what the device offered.
-                    let accepted = (u64::from(value) << shift) & self.device.features();
-                    self.acked_features = (self.acked_features & !mask) | accepted;
-                }
+            // Features are accepted between DRIVER and FEATURES_OK only.
+            REG_DRIVER_FEATURES if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER => {
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                let mask = 0xffff_ffffu64 << shift;
+                // The driver may only accept what the device offered.
+                let accepted = (u64::from(value) << shift) & self.device.features();
+                self.acked_features = (self.acked_features & !mask) | accepted;
             }
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_QUEUE_NUM if setting_up => {
@@ -265,7 +264,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
             self.device.read_config(offset - CONFIG_SPACE, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
             // Registers are 32 bits wide; other accesses are undefined: read zeros.
@@ -277,7 +276,7 @@ impl BusDevice for MmioTransport {
         if offset >= CONFIG_SPACE {
             self.device.write_config(offset - CONFIG_SPACE, data);
             self.config_generation = self.config_generation.wrapping_add(1);
-        } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
     }

@@ -6,7 +6,9 @@
 //! `peer_buf_alloc - (sent - peer_fwd_cnt)` bytes in flight. We hold the guest to that
 //! (a guest that overruns its credit is reset) and respect it towards the guest.
 
-use super::packet::{Header, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::packet::{
+    Header, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
 use super::HOST_CID;
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -24,11 +26,15 @@ pub const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     /// Host-initiated: REQUEST sent (or to be sent), waiting for the guest's RESPONSE.
-    Connecting { request_sent: bool },
+    Connecting {
+        request_sent: bool,
+    },
     Established,
     /// We asked the guest to close (SHUTDOWN both ways); it has until the deadline to
     /// answer with RST before the connection is dropped anyway.
-    Closing { deadline: Instant },
+    Closing {
+        deadline: Instant,
+    },
 }
 
 /// What the guest did that the muxer must act on.
@@ -76,7 +82,13 @@ pub struct Connection {
 
 impl Connection {
     /// A connection the host opened through `CONNECT <peer_port>`.
-    pub fn from_host(stream: UnixStream, local_port: u32, peer_port: u32, guest_cid: u64, early: Vec<u8>) -> Connection {
+    pub fn from_host(
+        stream: UnixStream,
+        local_port: u32,
+        peer_port: u32,
+        guest_cid: u64,
+        early: Vec<u8>,
+    ) -> Connection {
         let mut c = Connection::new(stream, local_port, peer_port, guest_cid);
         c.state = State::Connecting { request_sent: false };
         c.early_from_host = early;

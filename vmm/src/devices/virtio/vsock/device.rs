@@ -4,7 +4,9 @@
 
 use super::muxer::Muxer;
 use super::{QUEUE_SIZE, RX_QUEUE};
-use crate::devices::virtio::{read_config_bytes, ActivateError, ActiveQueues, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, ActiveQueues, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -97,8 +99,10 @@ impl VirtioDevice for VsockDevice {
             stop.try_clone().map_err(ActivateError::Setup)?,
         )
         .map_err(ActivateError::Setup)?;
-        let handle =
-            std::thread::Builder::new().name("vsock".into()).spawn(move || muxer.run()).map_err(ActivateError::Thread)?;
+        let handle = std::thread::Builder::new()
+            .name("vsock".into())
+            .spawn(move || muxer.run())
+            .map_err(ActivateError::Thread)?;
         self.worker = Some((stop, handle));
         Ok(())
     }
@@ -134,10 +138,10 @@ mod tests {
     #[test]
     fn config_space_holds_the_cid() {
         let path = temp_socket("config");
-        let dev = VsockDevice::new(0x1234_5678_9, &path).unwrap();
+        let dev = VsockDevice::new(0x1234_5678, &path).unwrap();
         let mut cid = [0u8; 8];
         dev.read_config(0, &mut cid);
-        assert_eq!(u64::from_le_bytes(cid), 0x1234_5678_9);
+        assert_eq!(u64::from_le_bytes(cid), 0x1234_5678);
         drop(dev);
         assert!(!path.exists(), "the socket is removed with the device");
     }

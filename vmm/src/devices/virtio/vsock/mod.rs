@@ -14,6 +14,8 @@ pub mod connection;
 pub mod device;
 pub mod muxer;
 pub mod packet;
+#[cfg(test)]
+mod tests;
 
 pub use device::VsockDevice;
 

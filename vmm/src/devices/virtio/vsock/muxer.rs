@@ -116,9 +116,9 @@ impl Muxer {
         self.process_tx();
         self.fill_rx();
         loop {
-            let timeout = self.next_deadline().map_or(-1, |d| {
-                d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32
-            });
+            let timeout = self
+                .next_deadline()
+                .map_or(-1, |d| d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32);
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -324,18 +324,23 @@ impl Muxer {
         let mut used_any = false;
         while let Some(mut chain) = self.queues[TX_QUEUE].pop_descriptor_chain(&memory) {
             let head = chain.head_index();
-            let parsed = VsockPacket::from_tx_virtq_chain(&memory, &mut chain, MAX_PAYLOAD).map_err(|e| e.to_string()).and_then(|pkt| {
-                let header = Header::read_from(&pkt);
-                let mut data = vec![0u8; header.len as usize];
-                if header.len > 0 {
-                    let slice = pkt.data_slice().ok_or("RW packet without a data buffer")?;
-                    if (slice.len() as u64) < u64::from(header.len) {
-                        return Err(format!("length {} beyond its {}-byte buffer", header.len, slice.len()));
+            let parsed = VsockPacket::from_tx_virtq_chain(&memory, &mut chain, MAX_PAYLOAD)
+                .map_err(|e| e.to_string())
+                .and_then(|pkt| {
+                    let header = Header::read_from(&pkt);
+                    let mut data = vec![0u8; header.len as usize];
+                    if header.len > 0 {
+                        let slice = pkt.data_slice().ok_or("RW packet without a data buffer")?;
+                        if (slice.len() as u64) < u64::from(header.len) {
+                            return Err(format!("length {} beyond its {}-byte buffer", header.len, slice.len()));
+                        }
+                        slice
+                            .subslice(0, data.len())
+                            .and_then(|s| s.read_slice(&mut data, 0))
+                            .map_err(|e| e.to_string())?;
                     }
-                    slice.subslice(0, data.len()).and_then(|s| s.read_slice(&mut data, 0)).map_err(|e| e.to_string())?;
-                }
-                Ok((header, data))
-            });
+                    Ok((header, data))
+                });
             match parsed {
                 Ok((header, data)) => self.on_guest_packet(header, &data),
                 Err(e) => self.log_guest_error(format_args!("dropped a malformed packet from the guest: {e}")),
@@ -390,19 +395,13 @@ impl Muxer {
         let mut used_any = false;
         let mut payload = vec![0u8; MAX_PAYLOAD as usize];
         loop {
-            let work = match self.control.pop_front() {
-                Some(h) => Some((None, h)),
-                None => None,
-            };
-            let (conn_key, control) = match work {
-                Some((k, h)) => (k, Some(h)),
-                None => match self.rx_ready.pop_front() {
-                    Some(key) => {
-                        self.rx_ready_set.remove(&key);
-                        (Some(key), None)
-                    }
-                    None => break,
-                },
+            let (conn_key, control) = if let Some(h) = self.control.pop_front() {
+                (None, Some(h))
+            } else if let Some(key) = self.rx_ready.pop_front() {
+                self.rx_ready_set.remove(&key);
+                (Some(key), None)
+            } else {
+                break;
             };
             if let Some(key) = conn_key {
                 if !self.conns.get(&key).is_some_and(|c| c.has_rx_work()) {
