@@ -20,23 +20,57 @@ const BASE_MOUNTS: [(&str, &str, &str, MsFlags); 3] = [
 ];
 
 pub fn run() -> ! {
+    // Before any thread exists: threads inherit the signal mask, so with SIGCHLD blocked
+    // everywhere it stays pending for the reaper's sigwait. Unblocked on some server
+    // thread, it would be delivered there and discarded (default action), and orphans
+    // would wait for the next SIGCHLD to be reaped.
+    block_sigchld();
     if let Err(e) = bring_up() {
         // Without its file systems the agent cannot serve; say why and end the VM so the
         // host sees it stop instead of waiting for an agent that never comes.
         eprintln!("nestbox-agent: fatal: {e:#}");
         reboot();
     }
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|e| format!("unknown ({e})"));
-    println!("nestbox-agent {}: ready, guest kernel {release}", crate::VERSION);
+    println!("nestbox-agent {}: ready, guest kernel {}", crate::VERSION, crate::rpc::kernel_release());
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if cmdline.split_whitespace().any(|p| p == SELFTEST_PARAM) {
         println!("nestbox-agent: {SELFTEST_PARAM}: boot self-test passed, rebooting");
         reboot();
     }
+    if let Err(e) = serve(&cmdline) {
+        // An agent that cannot serve its API leaves the host waiting for nothing: end
+        // the VM so the host sees it stop, as for a failed bring-up.
+        eprintln!("nestbox-agent: fatal: {e:#}");
+        reboot();
+    }
     reap_forever()
+}
+
+/// Starts the agent API on vsock (and the vsock test services when asked for) on their
+/// own threads; a Shutdown call ends the VM from the "shutdown" thread. The main thread
+/// stays the reaper.
+fn serve(cmdline: &str) -> anyhow::Result<()> {
+    let address = format!("vsock://-1:{}", nestbox_protocols::AGENT_PORT);
+    let serving = crate::serve::start(&address, true)?;
+    println!("nestbox-agent: serving the agent API on vsock port {}", nestbox_protocols::AGENT_PORT);
+    if cmdline.split_whitespace().any(|p| p == nestbox_protocols::vsock_test::PARAM) {
+        // The API works without them: report and go on.
+        if let Err(e) = crate::vsock_test::start() {
+            eprintln!("nestbox-agent: {}: test services not started: {e}", nestbox_protocols::vsock_test::PARAM);
+        }
+    }
+    std::thread::Builder::new()
+        .name("shutdown".into())
+        .spawn(move || {
+            serving.wait_for_shutdown();
+            println!("nestbox-agent: shutdown: rebooting the VM");
+            let err = restart_vm();
+            // The main thread keeps reaping; nothing else to do here.
+            eprintln!("nestbox-agent: reboot failed: {err}");
+        })
+        .context("starting the shutdown thread")?;
+    Ok(())
 }
 
 fn bring_up() -> anyhow::Result<()> {
@@ -59,17 +93,35 @@ fn bring_up() -> anyhow::Result<()> {
 /// Restarts the VM: with `reboot=k` the kernel pulses the i8042 reset line, which
 /// nestbox-vmm turns into a clean exit. (A power-off only halts the vCPUs.)
 pub fn reboot() -> ! {
-    nix::unistd::sync();
-    let err = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT).unwrap_err();
+    let err = restart_vm();
     eprintln!("nestbox-agent: reboot failed: {err}");
     reap_forever()
+}
+
+/// Syncs and reboots; returns only if the reboot failed, with the reason.
+fn restart_vm() -> nix::Error {
+    nix::unistd::sync();
+    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT) {
+        Err(e) => e,
+        // reboot(2) does not return on success; nix's signature still has an Ok type.
+        Ok(never) => match never {},
+    }
+}
+
+fn block_sigchld() {
+    let mut sigchld = SigSet::empty();
+    sigchld.add(Signal::SIGCHLD);
+    if let Err(e) = sigchld.thread_block() {
+        eprintln!("nestbox-agent: blocking SIGCHLD: {e}");
+    }
 }
 
 /// PID 1 inherits every orphan: wait for SIGCHLD and reap all that have exited.
 fn reap_forever() -> ! {
     let mut sigchld = SigSet::empty();
     sigchld.add(Signal::SIGCHLD);
-    // Blocked, so a SIGCHLD between two waits stays pending instead of being lost.
+    // Blocked, so a SIGCHLD between two waits stays pending instead of being lost (run()
+    // blocked it already; reboot() may get here first).
     let _ = sigchld.thread_block();
     loop {
         loop {

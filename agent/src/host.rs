@@ -1,0 +1,124 @@
+//! Host mode: the agent as an ordinary process serving its API on a Unix socket, so the
+//! API (and later the container logic) can be tested without a VM.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{SigSet, Signal};
+
+/// The socket path of a `--listen` argument (`unix:///path/to/agent.sock`), or what is
+/// wrong with it.
+pub fn parse_listen(arg: &str) -> Result<PathBuf, String> {
+    let Some(path) = arg.strip_prefix("unix://") else {
+        return Err(format!(
+            "--listen {arg:?}: expected unix:///path/to/agent.sock (host mode serves on a Unix socket; \
+             vsock is the guest's, where the agent runs as PID 1)"
+        ));
+    };
+    if path.is_empty() {
+        return Err(format!("--listen {arg:?}: no socket path after unix://"));
+    }
+    if path.starts_with('@') {
+        return Err(format!("--listen {arg:?}: abstract sockets are not supported; give a file system path"));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Serves until a Shutdown call (or SIGINT/SIGTERM), then removes the socket.
+pub fn run(socket: &Path) -> anyhow::Result<()> {
+    // Blocked before ttrpc starts its threads, which inherit the mask: the signals then
+    // wait for the signal thread below instead of killing the process mid-call and
+    // leaving the socket file behind.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("blocking SIGINT and SIGTERM")?;
+
+    prepare_socket_path(socket)?;
+    let address = format!("unix://{}", socket.display());
+    let serving = crate::serve::start(&address, false)?;
+    println!("nestbox-agent {}: listening on {address} (host mode)", crate::VERSION);
+
+    let shutdown = serving.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                eprintln!("nestbox-agent: {signal}: shutting down");
+                let _ = shutdown.send(());
+            }
+        })
+        .context("starting the signal thread")?;
+
+    serving.wait_for_shutdown();
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", socket.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Makes `socket` bindable: its directory must exist, and a socket file left by an agent
+/// that died is removed, but never a live agent's socket or a file that is not a socket.
+fn prepare_socket_path(socket: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("cannot listen on {}: directory {} does not exist", socket.display(), dir.display());
+        }
+    }
+    let meta = match std::fs::symlink_metadata(socket) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", socket.display())),
+        Ok(meta) => meta,
+    };
+    if !meta.file_type().is_socket() {
+        bail!("cannot listen on {}: it exists and is not a socket", socket.display());
+    }
+    match UnixStream::connect(socket) {
+        Ok(_) => bail!("cannot listen on {}: another process is listening there", socket.display()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(socket).with_context(|| format!("removing the stale socket {}", socket.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("checking whether {} is in use", socket.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_arguments() {
+        assert_eq!(parse_listen("unix:///run/agent.sock"), Ok(PathBuf::from("/run/agent.sock")));
+        assert_eq!(parse_listen("unix://agent.sock"), Ok(PathBuf::from("agent.sock")));
+        for bad in ["/run/agent.sock", "vsock://-1:1024", "unix://", "unix://@agent", "tcp://127.0.0.1:1"] {
+            let err = parse_listen(bad).expect_err(bad);
+            assert!(err.starts_with(&format!("--listen {bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_live_ones_and_files_are_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        prepare_socket_path(&path).expect("nothing there");
+
+        let live = std::os::unix::net::UnixListener::bind(&path).expect("binding");
+        let err = prepare_socket_path(&path).expect_err("in use");
+        assert!(err.to_string().contains("another process is listening"), "{err}");
+        drop(live);
+        prepare_socket_path(&path).expect("stale socket removed");
+        assert!(!path.exists());
+
+        std::fs::write(&path, "not a socket").expect("writing");
+        let err = prepare_socket_path(&path).expect_err("regular file");
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+
+        let err = prepare_socket_path(&dir.path().join("missing/agent.sock")).expect_err("no directory");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}

@@ -1,0 +1,204 @@
+//! The real agent binary in host mode (`--listen unix://...`): the agent API over ttrpc
+//! on a Unix socket, without a VM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nestbox_protocols::agent::{self, check_response::ServingStatus};
+use nestbox_protocols::agent_ttrpc::AgentServiceClient;
+use nestbox_protocols::ttrpc;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_nestbox-agent");
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// An agent process that is killed if the test ends without it having exited.
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    /// Starts the agent on `dir/agent.sock` and waits for its "listening" line.
+    fn start(dir: &Path) -> Agent {
+        let socket = dir.join("agent.sock");
+        let mut child = Command::new(AGENT)
+            .arg(format!("--listen=unix://{}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting nestbox-agent");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("reading the agent's first line");
+        let agent = Agent { child, socket, _stdout: stdout };
+        assert!(line.contains("listening on unix://"), "unexpected first line {line:?}");
+        assert!(agent.socket.exists(), "{} missing after the listening line", agent.socket.display());
+        agent
+    }
+
+    fn client(&self) -> AgentServiceClient {
+        let stream = std::os::unix::net::UnixStream::connect(&self.socket).expect("connecting to the agent");
+        nestbox_protocols::agent_client(stream).expect("starting a ttrpc client")
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
+                return status;
+            }
+            assert!(start.elapsed() < DEADLINE, "agent still running {DEADLINE:?} after shutdown");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(DEADLINE.as_nanos() as i64)
+}
+
+#[test]
+fn check_version_unimplemented_and_shutdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut agent = Agent::start(dir.path());
+    let client = agent.client();
+
+    let health = client.check(ctx(), &agent::CheckRequest::new()).expect("Check");
+    assert_eq!(health.status.enum_value(), Ok(ServingStatus::SERVING));
+
+    let version = client.version(ctx(), &agent::VersionRequest::new()).expect("Version");
+    assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("reading osrelease");
+    assert_eq!(version.kernel_release, host_release.trim());
+    assert!(!version.init_daemon, "host mode is not the guest's init");
+
+    // Calls from several threads at once share one connection.
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let v = client.version(ctx(), &agent::VersionRequest::new()).expect("concurrent Version");
+                assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
+            });
+        }
+    });
+
+    let err = client.create_container(ctx(), &agent::CreateContainerRequest::new()).expect_err("not there yet");
+    let ttrpc::Error::RpcStatus(status) = err else { panic!("expected an RPC status, got {err:?}") };
+    assert_eq!(status.code(), ttrpc::Code::UNIMPLEMENTED);
+    assert_eq!(status.message(), "CreateContainer is not implemented yet");
+
+    let status = client.shutdown(ctx(), &agent::ShutdownRequest::new());
+    assert!(status.is_ok(), "Shutdown answers before the agent ends: {status:?}");
+    let exit = agent.wait_exit();
+    assert_eq!(exit.code(), Some(0), "agent exit after Shutdown: {exit:?}");
+    assert!(!agent.socket.exists(), "{} left behind", agent.socket.display());
+}
+
+/// Every call that is not implemented yet says so, by name and with UNIMPLEMENTED.
+#[test]
+fn every_unimplemented_call_names_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(dir.path());
+    let c = agent.client();
+    type Call<'a> = Box<dyn Fn() -> ttrpc::Error + 'a>;
+    fn err<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> ttrpc::Error {
+        r.expect_err("an unimplemented call succeeded")
+    }
+    let calls: Vec<(&str, Call)> = vec![
+        ("CreateSandbox", Box::new(|| err(c.create_sandbox(ctx(), &Default::default())))),
+        ("DestroySandbox", Box::new(|| err(c.destroy_sandbox(ctx(), &Default::default())))),
+        ("CreateContainer", Box::new(|| err(c.create_container(ctx(), &Default::default())))),
+        ("StartContainer", Box::new(|| err(c.start_container(ctx(), &Default::default())))),
+        ("ExecProcess", Box::new(|| err(c.exec_process(ctx(), &Default::default())))),
+        ("SignalProcess", Box::new(|| err(c.signal_process(ctx(), &Default::default())))),
+        ("WaitProcess", Box::new(|| err(c.wait_process(ctx(), &Default::default())))),
+        ("RemoveContainer", Box::new(|| err(c.remove_container(ctx(), &Default::default())))),
+        ("UpdateContainer", Box::new(|| err(c.update_container(ctx(), &Default::default())))),
+        ("StatsContainer", Box::new(|| err(c.stats_container(ctx(), &Default::default())))),
+        ("PauseContainer", Box::new(|| err(c.pause_container(ctx(), &Default::default())))),
+        ("ResumeContainer", Box::new(|| err(c.resume_container(ctx(), &Default::default())))),
+        ("TtyWinResize", Box::new(|| err(c.tty_win_resize(ctx(), &Default::default())))),
+        ("CloseStdin", Box::new(|| err(c.close_stdin(ctx(), &Default::default())))),
+        ("GetOOMEvent", Box::new(|| err(c.get_oom_event(ctx(), &Default::default())))),
+        ("UpdateInterface", Box::new(|| err(c.update_interface(ctx(), &Default::default())))),
+        ("UpdateRoutes", Box::new(|| err(c.update_routes(ctx(), &Default::default())))),
+    ];
+    for (name, call) in calls {
+        match call() {
+            ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED, "{name}");
+                assert_eq!(s.message(), format!("{name} is not implemented yet"));
+            }
+            other => panic!("{name}: expected an RPC status, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn sigterm_ends_the_agent_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut agent = Agent::start(dir.path());
+    // SAFETY: kill(2) on the PID of our own child, which has not been reaped yet.
+    let rc = unsafe { libc::kill(agent.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    assert_eq!(agent.wait_exit().code(), Some(0));
+    assert!(!agent.socket.exists(), "{} left behind", agent.socket.display());
+}
+
+fn run_agent(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(AGENT).args(args).stdin(Stdio::null()).output().expect("running nestbox-agent");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_listen_arguments_are_named() {
+    for (args, expected) in [
+        (
+            &["--listen", "tcp://127.0.0.1:1024"][..],
+            "--listen \"tcp://127.0.0.1:1024\": expected unix:///path/to/agent.sock",
+        ),
+        (&["--listen", "/tmp/agent.sock"], "expected unix:///path/to/agent.sock"),
+        (&["--listen"], "--listen needs a value"),
+        (&["--listen", "unix://"], "no socket path after unix://"),
+        (&["--listne", "unix:///tmp/a.sock"], "unknown argument \"--listne\""),
+    ] {
+        let (code, stderr) = run_agent(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: stderr {stderr:?} lacks {expected:?}");
+        assert!(stderr.contains("usage:"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn unusable_socket_paths_fail_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = format!("--listen=unix://{}/no/such/dir/agent.sock", dir.path().display());
+    let (code, stderr) = run_agent(&[&missing]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").expect("writing");
+    let (code, stderr) = run_agent(&[&format!("--listen=unix://{}", file.display())]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+}
+
+#[test]
+fn without_arguments_outside_a_guest_it_explains() {
+    let (code, stderr) = run_agent(&[]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("not PID 1") && stderr.contains("--listen"), "{stderr}");
+    let out = Command::new(AGENT).arg("--version").output().expect("running nestbox-agent");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("nestbox-agent {}", env!("CARGO_PKG_VERSION")));
+}
