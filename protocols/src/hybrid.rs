@@ -301,6 +301,58 @@ mod tests {
         assert!(matches!(err, Error::Socket { port: 1024, .. }), "{err:?}");
     }
 
+    /// The whole host path: hybrid handshake, then a ttrpc call on the same stream, with
+    /// a fake VMM that splices the stream to a ttrpc server standing in for the guest.
+    #[test]
+    fn connect_agent_speaks_ttrpc_after_the_handshake() {
+        use crate::agent_ttrpc::{create_agent_service, AgentService};
+        use crate::{agent, ttrpc};
+        use std::sync::Arc;
+
+        struct Guest;
+        impl AgentService for Guest {
+            fn version(
+                &self,
+                _ctx: &ttrpc::TtrpcContext,
+                _req: agent::VersionRequest,
+            ) -> ttrpc::Result<agent::VersionResponse> {
+                Ok(agent::VersionResponse { agent_version: "fake".into(), ..Default::default() })
+            }
+        }
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let guest_socket = dir.path().join("guest.sock");
+        let mut server = ttrpc::Server::new()
+            .bind(&format!("unix://{}", guest_socket.display()))
+            .expect("binding the guest's server")
+            .register_service(create_agent_service(Arc::new(Guest)));
+        server.start().expect("starting the guest's server");
+
+        let listener = UnixListener::bind(socket_in(&dir)).expect("binding");
+        thread::spawn(move || {
+            let host = answer(&listener, AGENT_PORT, b"OK 1073741825\n");
+            let guest = UnixStream::connect(&guest_socket).expect("connecting to the guest");
+            let splice = |mut from: UnixStream, mut to: UnixStream| {
+                thread::spawn(move || {
+                    let _ = io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                })
+            };
+            splice(host.try_clone().expect("cloning"), guest.try_clone().expect("cloning"));
+            splice(guest, host);
+        });
+
+        let client = connect_agent(socket_in(&dir), Instant::now() + Duration::from_secs(10)).expect("connecting");
+        let version = client
+            .version(ttrpc::context::with_timeout(10_000_000_000), &agent::VersionRequest::new())
+            .expect("Version through the fake VMM");
+        assert_eq!(version.agent_version, "fake");
+        // What the generated default says for a call the service does not implement.
+        let err = client.check(ttrpc::context::with_timeout(10_000_000_000), &agent::CheckRequest::new());
+        assert!(matches!(err, Err(ttrpc::Error::RpcStatus(ref s)) if s.code() == ttrpc::Code::NOT_FOUND), "{err:?}");
+        server.shutdown();
+    }
+
     #[test]
     fn replies_are_parsed_strictly() {
         assert_eq!(parse_reply(b"OK 1024").ok(), Some(1024));
