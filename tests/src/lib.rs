@@ -113,3 +113,32 @@ fn wait_until(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
 pub fn host_kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("reading osrelease").trim().to_string()
 }
+
+/// Builds (release, static musl) one of this crate's binaries that runs inside a guest,
+/// and returns its path.
+pub fn guest_binary(bin: &str) -> PathBuf {
+    const TARGET: &str = "x86_64-unknown-linux-musl";
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--release", "-p", "nestbox-tests", "--bin", bin, "--target", TARGET])
+        .current_dir(workspace_root())
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build of guest binary {bin} failed (is the {TARGET} target installed?)");
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    target_dir.join(TARGET).join("release").join(bin)
+}
+
+/// Packs `init` as /init of an initramfs at `out`, the way guest-image/build.sh packs
+/// the agent: for tests that need their own program as the guest's PID 1.
+pub fn test_initramfs(init: &Path, out: &Path) {
+    let status = Command::new("python3")
+        .arg(workspace_root().join("guest-image/mkcpio.py"))
+        .arg(out)
+        .arg("--agent")
+        .arg(init)
+        .status()
+        .expect("running mkcpio.py");
+    assert!(status.success(), "packing {} into {}", init.display(), out.display());
+}

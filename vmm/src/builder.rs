@@ -5,6 +5,7 @@ use crate::arch::x86_64::{boot, cpuid::CpuTemplate, layout};
 use crate::config::{Console, VmConfig};
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::legacy::{i8042, serial, SerialConsole, I8042};
+use crate::devices::virtio::fs::{FsDevice, FsError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::{device::VsockError, VsockDevice};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -45,6 +46,8 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("virtio device setup: {0}")]
     Virtio(String),
     #[error("too many virtio devices: {} interrupt lines are available", layout::VIRTIO_IRQ_LAST - layout::VIRTIO_IRQ_FIRST + 1)]
@@ -142,6 +145,9 @@ pub fn build_and_start(config: &VmConfig, options: RunOptions) -> Result<Vmm, Bu
         let vsock = VsockDevice::new(config.vsock_cid, socket)?;
         cleanup_paths.push(vsock.uds_path().to_path_buf());
         virtio.attach(&vm, &guest_memory, Box::new(vsock))?;
+    }
+    if let Some(dir) = &config.shared_dir {
+        virtio.attach(&vm, &guest_memory, Box::new(FsDevice::new(&config.fs_tag, dir)?))?;
     }
     let mmio = Bus::new(virtio.bus_entries)?;
 

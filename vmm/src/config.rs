@@ -13,6 +13,8 @@ pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/nestbox";
 /// Environment variable that moves the default guest image directory.
 pub const GUEST_DIR_ENV: &str = "NESTBOX_GUEST_DIR";
 pub const DEFAULT_VCPUS: u8 = 1;
+/// The virtio-fs tag the agent mounts unless told otherwise.
+pub const DEFAULT_FS_TAG: &str = "nestbox";
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 /// Smallest guest we start: below this the kernel and initramfs leave too little room
 /// for the agent and a container.
@@ -48,6 +50,10 @@ pub struct VmConfig {
     /// Host socket of the hybrid vsock device; no vsock device without it.
     pub vsock_socket: Option<PathBuf>,
     pub vsock_cid: u64,
+    /// Host directory shared with the guest over virtio-fs; no virtio-fs without it.
+    pub shared_dir: Option<PathBuf>,
+    /// The virtio-fs tag the guest mounts.
+    pub fs_tag: String,
 }
 
 /// The configuration file: every key optional, unknown keys are errors.
@@ -63,6 +69,8 @@ pub struct FileConfig {
     pub cpu_template: Option<CpuTemplate>,
     pub vsock_socket: Option<PathBuf>,
     pub vsock_cid: Option<u64>,
+    pub shared_dir: Option<PathBuf>,
+    pub fs_tag: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -109,6 +117,8 @@ impl FileConfig {
             cpu_template: over.cpu_template.or(self.cpu_template),
             vsock_socket: over.vsock_socket.or(self.vsock_socket),
             vsock_cid: over.vsock_cid.or(self.vsock_cid),
+            shared_dir: over.shared_dir.or(self.shared_dir),
+            fs_tag: over.fs_tag.or(self.fs_tag),
         }
     }
 }
@@ -131,6 +141,8 @@ impl VmConfig {
             cpu_template: file.cpu_template.unwrap_or(CpuTemplate::Auto),
             vsock_socket: file.vsock_socket,
             vsock_cid: file.vsock_cid.unwrap_or(DEFAULT_GUEST_CID),
+            shared_dir: file.shared_dir,
+            fs_tag: file.fs_tag.unwrap_or_else(|| DEFAULT_FS_TAG.to_string()),
         };
         if config.vsock_cid <= 2 || config.vsock_cid >= u64::from(u32::MAX) {
             return Err(ConfigError::VsockCid(config.vsock_cid));
@@ -183,7 +195,7 @@ mod tests {
     #[test]
     fn file_keys_parse() {
         let f = FileConfig::parse(
-            "kernel = \"/k\"\ninitramfs = \"/i\"\nvcpus = 2\nmemory_mib = 256\ncmdline = \"quiet\"\nconsole = \"/tmp/c.log\"\ncpu_template = \"pvm\"\nvsock_socket = \"/run/v.sock\"\nvsock_cid = 7\n",
+            "kernel = \"/k\"\ninitramfs = \"/i\"\nvcpus = 2\nmemory_mib = 256\ncmdline = \"quiet\"\nconsole = \"/tmp/c.log\"\ncpu_template = \"pvm\"\nvsock_socket = \"/run/v.sock\"\nvsock_cid = 7\nshared_dir = \"/run/s\"\nfs_tag = \"t\"\n",
         )
         .unwrap();
         let c = VmConfig::build(f, HOST).unwrap();
@@ -194,6 +206,8 @@ mod tests {
         assert_eq!(c.cpu_template, CpuTemplate::Pvm);
         assert_eq!(c.vsock_socket, Some(PathBuf::from("/run/v.sock")));
         assert_eq!(c.vsock_cid, 7);
+        assert_eq!(c.shared_dir, Some(PathBuf::from("/run/s")));
+        assert_eq!(c.fs_tag, "t");
     }
 
     #[test]

@@ -12,8 +12,8 @@ use std::process::ExitCode;
 /// serial console. Exits 0 when the guest reboots or powers off, 1 on any error.
 ///
 /// Every setting can come from a TOML file (`--config`) with the keys kernel, initramfs,
-/// vcpus, memory_mib, cmdline, console, cpu_template, vsock_socket and vsock_cid;
-/// arguments override the file.
+/// vcpus, memory_mib, cmdline, console, cpu_template, vsock_socket, vsock_cid,
+/// shared_dir and fs_tag; arguments override the file.
 /// With no settings at all, the guest image installed by `guest-image/build.sh` boots
 /// with 1 vCPU and 128 MiB.
 #[derive(Parser, Debug)]
@@ -55,6 +55,13 @@ struct Cli {
     /// The guest's vsock CID. [default: 3]
     #[arg(long, value_name = "CID")]
     vsock_cid: Option<u64>,
+    /// Host directory shared with the guest over virtio-fs (the guest mounts it with
+    /// `mount -t virtiofs <tag> <dir>`). No virtio-fs device without it.
+    #[arg(long, value_name = "DIR", verbatim_doc_comment)]
+    shared_dir: Option<PathBuf>,
+    /// The virtio-fs tag, 1 to 36 bytes. [default: nestbox]
+    #[arg(long, value_name = "TAG")]
+    fs_tag: Option<String>,
     /// Print CLOCK_MONOTONIC timestamps of start-up milestones to stderr.
     #[arg(long)]
     boot_timestamps: bool,
@@ -72,6 +79,8 @@ impl Cli {
             cpu_template: self.cpu_template,
             vsock_socket: self.vsock_socket.clone(),
             vsock_cid: self.vsock_cid,
+            shared_dir: self.shared_dir.clone(),
+            fs_tag: self.fs_tag.clone(),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! KVM turns into eventfd signals without leaving the kernel) and interrupting the guest
 //! through an irqfd.
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
@@ -21,6 +22,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Device type numbers from the virtio specification.
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
 
 /// Interrupt status bits (InterruptStatus register).
 pub const INTERRUPT_USED_BUFFER: u32 = 1;

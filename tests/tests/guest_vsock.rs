@@ -1,0 +1,214 @@
+//! The agent API and the VMM's vsock device in a real guest: one boot, many checks.
+//!
+//! The guest runs nestbox-agent with `nestbox.vsock_test`, which adds test services next
+//! to the agent API (see nestbox_protocols::vsock_test). Through the VM's hybrid vsock
+//! socket the test calls Check and Version, runs 64 concurrent echo connections, moves
+//! 64 MiB each way with checksums, accepts a guest-initiated connection, sees guest-side
+//! and host-side closes and a reset, and finally shuts the guest down through the API.
+//! Throughput is printed, not asserted: this machine's guest kernel is emulated.
+
+use nestbox_protocols::agent::check_response::ServingStatus;
+use nestbox_protocols::agent::{CheckRequest, CreateContainerRequest, ShutdownRequest, VersionRequest};
+use nestbox_protocols::vsock_test::{self, fill_pattern};
+use nestbox_protocols::{hybrid, ttrpc};
+use nestbox_tests::{binary, guest_image, host_kernel_release, GUEST_DEADLINE};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const RPC_TIMEOUT_NS: i64 = 60_000_000_000;
+const BULK: usize = 64 << 20;
+
+struct Vm {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Vm {
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+    }
+
+    fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn socket_for_port(uds: &Path, port: u32) -> PathBuf {
+    let mut p = uds.as_os_str().to_owned();
+    p.push(format!("_{port}"));
+    PathBuf::from(p)
+}
+
+fn connect(uds: &Path, port: u32) -> std::os::unix::net::UnixStream {
+    hybrid::connect(uds, port, Instant::now() + Duration::from_secs(60)).expect("hybrid connect").stream
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn mib_per_s(bytes: usize, took: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
+}
+
+#[test]
+fn agent_api_and_vsock_in_a_real_guest() {
+    let vmm = binary("nestbox-vmm", "nestbox-vmm");
+    let (kernel, initramfs) = guest_image();
+    let dir = std::env::temp_dir().join(format!("nestbox-test-vsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uds = dir.join("vsock.sock");
+    // The guest connects to host port 1100 once ready: listen before it boots.
+    let guest_conns = UnixListener::bind(socket_for_port(&uds, vsock_test::HOST_PORT)).unwrap();
+
+    let child = Command::new(vmm)
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initramfs")
+        .arg(&initramfs)
+        .args(["--vcpus", "2", "--memory-mib", "256", "--cmdline", vsock_test::PARAM])
+        .arg("--vsock-socket")
+        .arg(&uds)
+        .arg("--console")
+        .arg(dir.join("console.log"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning nestbox-vmm");
+    let mut vm = Vm { child, dir: dir.clone() };
+
+    // The agent API: the client retries while the guest boots.
+    let booted = Instant::now();
+    let agent = hybrid::connect_agent(&uds, Instant::now() + GUEST_DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", vm.console()));
+    eprintln!("agent reachable {:?} after VMM start", booted.elapsed());
+    let ctx = || ttrpc::context::with_timeout(RPC_TIMEOUT_NS);
+    let check = agent.check(ctx(), &CheckRequest::new()).expect("Check");
+    assert_eq!(check.status.enum_value(), Ok(ServingStatus::SERVING));
+    let version = agent.version(ctx(), &VersionRequest::new()).expect("Version");
+    assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(version.kernel_release.ends_with("-nestbox"), "{}", version.kernel_release);
+    assert_ne!(version.kernel_release, host_kernel_release());
+    assert!(version.init_daemon, "the agent is the guest's PID 1");
+    match agent.create_container(ctx(), &CreateContainerRequest::new()) {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED);
+            assert_eq!(s.message(), "CreateContainer is not implemented yet");
+        }
+        other => panic!("CreateContainer: expected UNIMPLEMENTED, got {other:?}"),
+    }
+    let rtt_start = Instant::now();
+    const PINGS: u32 = 20;
+    for _ in 0..PINGS {
+        agent.check(ctx(), &CheckRequest::new()).expect("Check");
+    }
+    eprintln!("Check round trip: {:?} mean over {PINGS}", rtt_start.elapsed() / PINGS);
+
+    // A guest-initiated connection arrives on <uds>_1100.
+    let (mut from_guest, _) = guest_conns.accept().expect("guest connection");
+    from_guest.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut greeting = vec![0u8; vsock_test::GREETING.len()];
+    from_guest.read_exact(&mut greeting).unwrap();
+    assert_eq!(greeting, vsock_test::GREETING);
+    from_guest.write_all(b"echo me").unwrap();
+    let mut back = [0u8; 7];
+    from_guest.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"echo me");
+
+    // 64 concurrent connections, each echoing its own data.
+    let echoes: Vec<_> = (0..64u8)
+        .map(|i| {
+            let uds = uds.clone();
+            std::thread::spawn(move || {
+                let mut s = connect(&uds, vsock_test::ECHO_PORT);
+                let data: Vec<u8> = (0..16 * 1024).map(|j| (j as u8).wrapping_mul(31).wrapping_add(i)).collect();
+                let writer = {
+                    let mut s = s.try_clone().unwrap();
+                    let data = data.clone();
+                    std::thread::spawn(move || {
+                        s.write_all(&data).unwrap();
+                        s.shutdown(Shutdown::Write).unwrap();
+                    })
+                };
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).unwrap();
+                writer.join().unwrap();
+                assert!(got == data, "connection {i}: echo differs ({} of {} bytes back)", got.len(), data.len());
+            })
+        })
+        .collect();
+    for e in echoes {
+        e.join().expect("echo connection");
+    }
+
+    // 64 MiB host to guest, checksummed by the guest.
+    let mut bulk = vec![0u8; BULK];
+    fill_pattern(0, &mut bulk);
+    let expected = sha256_hex(&bulk);
+    let mut sink = connect(&uds, vsock_test::SINK_PORT);
+    let t = Instant::now();
+    sink.write_all(&bulk).unwrap();
+    sink.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    BufReader::new(&mut sink).read_line(&mut answer).unwrap();
+    let h2g = t.elapsed();
+    assert_eq!(answer.trim(), format!("{BULK} {expected}"), "guest's count and checksum");
+
+    // 64 MiB guest to host, checked here.
+    let mut source = connect(&uds, vsock_test::SOURCE_PORT);
+    let t = Instant::now();
+    source.write_all(format!("{BULK}\n").as_bytes()).unwrap();
+    let mut got = Vec::with_capacity(BULK);
+    source.read_to_end(&mut got).unwrap();
+    let g2h = t.elapsed();
+    assert_eq!(got.len(), BULK);
+    assert_eq!(sha256_hex(&got), expected);
+    eprintln!("64 MiB host->guest {:.1} MiB/s, guest->host {:.1} MiB/s", mib_per_s(BULK, h2g), mib_per_s(BULK, g2h));
+
+    // Guest-side close: the host sees EOF.
+    let mut closed = connect(&uds, vsock_test::CLOSE_PORT);
+    let mut rest = Vec::new();
+    closed.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+
+    // Nobody listens on the port: the guest resets, the VMM closes the host stream, and
+    // the client gives up at its deadline naming the port.
+    let err = hybrid::connect(&uds, 4999, Instant::now() + Duration::from_secs(3)).unwrap_err();
+    assert!(err.to_string().contains("guest port 4999 not reachable"), "{err}");
+
+    // Host-side close in the middle of an echo: the device stays healthy.
+    let mut abandoned = connect(&uds, vsock_test::ECHO_PORT);
+    abandoned.write_all(&[1u8; 100_000]).unwrap();
+    drop(abandoned);
+    let mut again = connect(&uds, vsock_test::ECHO_PORT);
+    again.write_all(b"still here").unwrap();
+    again.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    again.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"still here");
+
+    // Shutdown through the API ends the VM cleanly and the VMM removes its socket.
+    agent.shutdown(ctx(), &ShutdownRequest::new()).expect("Shutdown");
+    let status = vm.wait_exit(Duration::from_secs(300)).expect("VMM still running after Shutdown");
+    assert!(status.success(), "VMM exit {status:?}\nconsole:\n{}", vm.console());
+    assert!(!uds.exists(), "vsock socket left behind");
+}

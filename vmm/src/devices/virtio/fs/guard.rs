@@ -1,0 +1,359 @@
+//! The file system the guest sees: fuse-backend-rs's passthrough of the shared directory,
+//! behind a guard that closes the ways out of that directory the passthrough leaves open.
+//!
+//! - LOOKUP of `.` and `..`: the passthrough allows them (for NFS export). It maps `..` of
+//!   its root back to the root, but `..` of any other directory is resolved on the host:
+//!   once the host moves a directory the guest holds out of the share (a rename race, or
+//!   a container's rootfs being torn down), `..` leads to the host's file system. The
+//!   guest kernel never needs these lookups (its VFS resolves `..` itself), so they are
+//!   refused everywhere.
+//! - MKNOD of character and block devices: a device node the guest creates would be a
+//!   real host device node in the shared directory, usable by any host process that
+//!   opens it. FIFOs and sockets are harmless and allowed. (Device nodes already in the
+//!   directory are no way out: the guest kernel opens special files itself, with its own
+//!   drivers, without asking the file server.)
+//!
+//! Symlinks need no guard: the guest resolves them in its own name space, and the
+//! passthrough opens everything with O_NOFOLLOW relative to directory descriptors.
+//! Everything else is delegated unchanged.
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader, ZeroCopyWriter,
+};
+use fuse_backend_rs::passthrough::PassthroughFs;
+use std::ffi::CStr;
+use std::io;
+use std::time::Duration;
+
+/// The passthrough's node and handle ids (plain u64 in fuse-backend-rs, not exported).
+type Inode = u64;
+type Handle = u64;
+
+pub struct SharedDirFs {
+    inner: PassthroughFs,
+}
+
+impl SharedDirFs {
+    pub fn new(inner: PassthroughFs) -> SharedDirFs {
+        SharedDirFs { inner }
+    }
+}
+
+fn refused() -> io::Error {
+    io::Error::from_raw_os_error(libc::EPERM)
+}
+
+/// Whether LOOKUP may resolve `name`.
+pub fn lookup_allowed(name: &CStr) -> bool {
+    !matches!(name.to_bytes(), b"." | b"..")
+}
+
+/// Whether MKNOD may create a node of this `mode`.
+pub fn mknod_allowed(mode: u32) -> bool {
+    !matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK)
+}
+
+impl FileSystem for SharedDirFs {
+    type Inode = Inode;
+    type Handle = Handle;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.inner.init(capable)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+
+    fn statfs(&self, ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
+        self.inner.statfs(ctx, inode)
+    }
+
+    fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
+        if !lookup_allowed(name) {
+            return Err(refused());
+        }
+        self.inner.lookup(ctx, parent, name)
+    }
+
+    fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn opendir(&self, ctx: &Context, inode: Inode, flags: u32) -> io::Result<(Option<Handle>, OpenOptions)> {
+        self.inner.opendir(ctx, inode, flags)
+    }
+
+    fn releasedir(&self, ctx: &Context, inode: Inode, flags: u32, handle: Handle) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+
+    fn mkdir(&self, ctx: &Context, parent: Inode, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
+        self.inner.mkdir(ctx, parent, name, mode, umask)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        self.inner.rmdir(ctx, parent, name)
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner.readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner.readdirplus(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<Handle>, OpenOptions, Option<u32>)> {
+        self.inner.open(ctx, inode, flags, fuse_flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+        handle: Handle,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: Inode,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
+        self.inner.create(ctx, parent, name, args)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        self.inner.unlink(ctx, parent, name)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner.read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.inner.write(ctx, inode, handle, r, size, offset, lock_owner, delayed_write, flags, fuse_flags)
+    }
+
+    fn getattr(&self, ctx: &Context, inode: Inode, handle: Option<Handle>) -> io::Result<(stat64, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        attr: stat64,
+        handle: Option<Handle>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.setattr(ctx, inode, attr, handle, valid)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: Inode,
+        oldname: &CStr,
+        newdir: Inode,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.inner.rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn mknod(&self, ctx: &Context, inode: Inode, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry> {
+        if !mknod_allowed(mode) {
+            return Err(refused());
+        }
+        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+    }
+
+    fn link(&self, ctx: &Context, inode: Inode, newparent: Inode, newname: &CStr) -> io::Result<Entry> {
+        self.inner.link(ctx, inode, newparent, newname)
+    }
+
+    fn symlink(&self, ctx: &Context, linkname: &CStr, parent: Inode, name: &CStr) -> io::Result<Entry> {
+        self.inner.symlink(ctx, linkname, parent, name)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: Inode) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    fn flush(&self, ctx: &Context, inode: Inode, handle: Handle, lock_owner: u64) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn access(&self, ctx: &Context, inode: Inode, mask: u32) -> io::Result<()> {
+        self.inner.access(ctx, inode, mask)
+    }
+
+    fn setxattr(&self, ctx: &Context, inode: Inode, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
+        self.inner.setxattr(ctx, inode, name, value, flags)
+    }
+
+    fn getxattr(&self, ctx: &Context, inode: Inode, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size)
+    }
+
+    fn listxattr(&self, ctx: &Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size)
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
+        self.inner.removexattr(ctx, inode, name)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.inner.fallocate(ctx, inode, handle, mode, offset, length)
+    }
+
+    fn lseek(&self, ctx: &Context, inode: Inode, handle: Handle, offset: u64, whence: u32) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_and_dotdot_lookups_are_refused() {
+        assert!(!lookup_allowed(c".."));
+        assert!(!lookup_allowed(c"."));
+        assert!(lookup_allowed(c"..."));
+        assert!(lookup_allowed(c"..hidden"));
+        assert!(lookup_allowed(c"rootfs"));
+    }
+
+    fn shared_dir_under(base: &std::path::Path) -> PassthroughFs {
+        let cfg = fuse_backend_rs::passthrough::Config {
+            root_dir: base.join("shared").to_str().unwrap().to_string(),
+            do_import: true,
+            ..Default::default()
+        };
+        let fs = PassthroughFs::new(cfg).unwrap();
+        fs.import().unwrap();
+        fs
+    }
+
+    /// The hole the guard closes, at the FUSE level. The passthrough maps `..` of its root
+    /// to the root, but not `..` of any other directory: when the host moves a directory
+    /// the guest has looked up out of the share (a rename race), `..` of that directory
+    /// is its new host parent, and everything there becomes reachable. Through the guard
+    /// `..` is refused everywhere.
+    #[test]
+    fn fuse_lookup_of_dotdot_cannot_leave_the_shared_directory() {
+        use fuse_backend_rs::api::filesystem::ROOT_ID;
+        let base = std::env::temp_dir().join(format!("nestbox-fs-guard-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("shared/sub")).unwrap();
+        std::fs::write(base.join("secret"), b"host secret").unwrap();
+        let ctx = Context::new();
+
+        let raw = shared_dir_under(&base);
+        let guarded = SharedDirFs::new(shared_dir_under(&base));
+        let raw_sub = raw.lookup(&ctx, ROOT_ID, c"sub").unwrap();
+        let guarded_sub = guarded.lookup(&ctx, ROOT_ID, c"sub").unwrap();
+        std::fs::rename(base.join("shared/sub"), base.join("moved")).unwrap();
+
+        let parent = raw.lookup(&ctx, raw_sub.inode, c"..").expect("the bare passthrough resolves ..");
+        assert!(raw.lookup(&ctx, parent.inode, c"secret").is_ok(), "and reaches outside the share");
+
+        for (inode, name) in [(guarded_sub.inode, c".."), (ROOT_ID, c".."), (ROOT_ID, c".")] {
+            let err = guarded.lookup(&ctx, inode, name).expect_err("refused");
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        }
+        let err = guarded.mknod(&ctx, ROOT_ID, c"mem", libc::S_IFCHR | 0o600, 0x0101, 0).expect_err("refused");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        assert!(!base.join("shared/mem").exists());
+        guarded.mknod(&ctx, ROOT_ID, c"fifo", libc::S_IFIFO | 0o600, 0, 0).expect("a FIFO is fine");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn only_device_nodes_are_refused() {
+        assert!(!mknod_allowed(libc::S_IFCHR | 0o600));
+        assert!(!mknod_allowed(libc::S_IFBLK | 0o600));
+        assert!(mknod_allowed(libc::S_IFIFO | 0o600));
+        assert!(mknod_allowed(libc::S_IFSOCK | 0o600));
+        assert!(mknod_allowed(libc::S_IFREG | 0o600));
+    }
+}
