@@ -13,6 +13,9 @@
 //!   directory are no way out: the guest kernel opens special files itself, with its own
 //!   drivers, without asking the file server.)
 //!
+//! It also lets the guest send large requests (BIG_WRITES, MAX_PAGES), which the
+//! passthrough serves but does not ask for.
+//!
 //! Symlinks need no guard: the guest resolves them in its own name space, and the
 //! passthrough opens everything with O_NOFOLLOW relative to directory descriptors.
 //! Everything else is delegated unchanged.
@@ -59,7 +62,11 @@ impl FileSystem for SharedDirFs {
     type Handle = Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        self.inner.init(capable)
+        // The passthrough does not ask for large requests, and without them the guest
+        // kernel sends every write one 4 KiB page at a time (one virtio round trip per
+        // page). The server handles requests up to 1 MiB; let the guest use them.
+        let large_requests = capable & (FsOptions::BIG_WRITES | FsOptions::MAX_PAGES);
+        Ok(self.inner.init(capable)? | large_requests)
     }
 
     fn destroy(&self) {
