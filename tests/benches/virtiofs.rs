@@ -4,10 +4,9 @@
 //! page cache, so the data crosses virtio-fs) and small-file create and stat rates on the
 //! shared directory; this side runs the same operations on the same host directory.
 
-use nestbox_tests::{binary, guest_binary, guest_image, test_initramfs, GUEST_DEADLINE};
+use nestbox_tests::{guest_binary, test_initramfs, vmm_command, GUEST_DEADLINE};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn host_figures(dir: &std::path::Path) -> Vec<(String, f64, &'static str)> {
@@ -60,18 +59,12 @@ fn main() {
     let initramfs = base.join("fscheck.cpio");
     test_initramfs(&guest_binary("guest-fs-check"), &initramfs);
     let console = base.join("console.log");
-    let (kernel, _) = guest_image();
-    let mut vm = Command::new(binary("nestbox-vmm", "nestbox-vmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initramfs")
-        .arg(&initramfs)
+    let mut vm = vmm_command(Some(&initramfs))
         .args(["--vcpus", "2", "--memory-mib", "512", "--cmdline", "fscheck.bench"])
         .arg("--shared-dir")
         .arg(&shared)
         .arg("--console")
         .arg(&console)
-        .stdin(Stdio::null())
         .spawn()
         .expect("nestbox-vmm");
     eprintln!("booting the guest (about a minute on software-nested KVM), then measuring");

@@ -11,7 +11,7 @@
 use nestbox_protocols::agent::CheckRequest;
 use nestbox_protocols::vsock_test::{self, fill_pattern};
 use nestbox_protocols::{agent_client, hybrid, ttrpc};
-use nestbox_tests::{binary, guest_image, GUEST_DEADLINE};
+use nestbox_tests::{binary, vmm_command, GUEST_DEADLINE};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -90,16 +90,10 @@ fn main() {
 
     // The guest.
     let uds = dir.join("vsock.sock");
-    let (kernel, initramfs) = guest_image();
-    let mut vm = Command::new(binary("nestbox-vmm", "nestbox-vmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initramfs")
-        .arg(&initramfs)
+    let mut vm = vmm_command(None)
         .args(["--vcpus", "2", "--memory-mib", "256", "--cmdline", vsock_test::PARAM, "--console", "/dev/null"])
         .arg("--vsock-socket")
         .arg(&uds)
-        .stdin(Stdio::null())
         .spawn()
         .expect("nestbox-vmm");
     eprintln!("booting the guest (about a minute on software-nested KVM)");

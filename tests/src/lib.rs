@@ -142,3 +142,12 @@ pub fn test_initramfs(init: &Path, out: &Path) {
         .expect("running mkcpio.py");
     assert!(status.success(), "packing {} into {}", init.display(), out.display());
 }
+
+/// A `nestbox-vmm` command (freshly built) booting the installed guest kernel with
+/// `initramfs`, or the installed initramfs when `None`; stdin is null.
+pub fn vmm_command(initramfs: Option<&Path>) -> Command {
+    let (kernel, installed) = guest_image();
+    let mut cmd = Command::new(binary("nestbox-vmm", "nestbox-vmm"));
+    cmd.arg("--kernel").arg(kernel).arg("--initramfs").arg(initramfs.unwrap_or(&installed)).stdin(Stdio::null());
+    cmd
+}

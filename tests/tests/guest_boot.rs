@@ -2,21 +2,11 @@
 //! as PID 1 and reports ready, and the guest's reboot ends the VMM with exit code 0.
 //! One boot per vCPU count; the two run in parallel.
 
-use nestbox_tests::{binary, guest_image, host_kernel_release, run_with_deadline, GUEST_DEADLINE};
-use std::process::Command;
+use nestbox_tests::{host_kernel_release, run_with_deadline, vmm_command, GUEST_DEADLINE};
 
 fn boot_selftest(vcpus: u8) {
-    let vmm = binary("nestbox-vmm", "nestbox-vmm");
-    let (kernel, initramfs) = guest_image();
     let run = run_with_deadline(
-        Command::new(vmm).arg("--kernel").arg(&kernel).arg("--initramfs").arg(&initramfs).args([
-            "--vcpus",
-            &vcpus.to_string(),
-            "--memory-mib",
-            "128",
-            "--cmdline",
-            "nestbox.selftest",
-        ]),
+        vmm_command(None).args(["--vcpus", &vcpus.to_string(), "--memory-mib", "128", "--cmdline", "nestbox.selftest"]),
         GUEST_DEADLINE,
     );
     let console = &run.stdout;

@@ -3,11 +3,11 @@
 //! escape attempts from inside; this side prepares the directory, adds files and a bind
 //! mount while the guest runs, and verifies on the host what the guest wrote.
 
-use nestbox_tests::{binary, guest_binary, guest_image, test_initramfs, GUEST_DEADLINE};
+use nestbox_tests::{guest_binary, test_initramfs, vmm_command, GUEST_DEADLINE};
 use std::ffi::CString;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn pattern(i: u64) -> u8 {
@@ -74,8 +74,6 @@ fn prepare(base: &Path) {
 
 #[test]
 fn virtiofs_in_a_real_guest() {
-    let vmm = binary("nestbox-vmm", "nestbox-vmm");
-    let (kernel, _) = guest_image();
     let base = std::env::temp_dir().join(format!("nestbox-test-virtiofs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let scratch = Scratch { base: base.clone() };
@@ -85,17 +83,12 @@ fn virtiofs_in_a_real_guest() {
     test_initramfs(&guest_binary("guest-fs-check"), &initramfs);
     let console = base.join("console.log");
 
-    let mut child = Command::new(vmm)
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initramfs")
-        .arg(&initramfs)
+    let mut child = vmm_command(Some(&initramfs))
         .args(["--vcpus", "2", "--memory-mib", "256"])
         .arg("--shared-dir")
         .arg(&shared)
         .arg("--console")
         .arg(&console)
-        .stdin(Stdio::null())
         .spawn()
         .expect("spawning nestbox-vmm");
     let read_console = || std::fs::read_to_string(&console).unwrap_or_default();

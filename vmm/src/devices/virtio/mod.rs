@@ -81,6 +81,37 @@ pub enum ActivateError {
     Setup(std::io::Error),
 }
 
+/// The thread an active device does its work on, with the eventfd that stops it.
+pub struct DeviceThread {
+    stop: EventFd,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DeviceThread {
+    /// `prepare` gets the eventfd that, once readable, asks the work to return, and sets
+    /// the work up (here, so a setup error fails the activation); the work it returns then
+    /// runs on a thread called `name`.
+    pub fn spawn<W: FnOnce() + Send + 'static>(
+        name: &str,
+        prepare: impl FnOnce(EventFd) -> std::io::Result<W>,
+    ) -> Result<DeviceThread, ActivateError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Setup)?;
+        let work = prepare(stop.try_clone().map_err(ActivateError::Setup)?).map_err(ActivateError::Setup)?;
+        let handle = std::thread::Builder::new().name(name.into()).spawn(work).map_err(ActivateError::Thread)?;
+        Ok(DeviceThread { stop, handle: Some(handle) })
+    }
+}
+
+impl Drop for DeviceThread {
+    /// Stops the thread and waits for it: a reset device must not touch guest memory.
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;

@@ -17,7 +17,7 @@
 
 pub mod guard;
 
-use super::{read_config_bytes, ActivateError, ActiveQueues, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1};
+use super::{read_config_bytes, ActivateError, ActiveQueues, DeviceThread, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
@@ -26,7 +26,6 @@ use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -53,7 +52,7 @@ pub struct FsDevice {
     tag: String,
     shared_dir: PathBuf,
     server: Arc<Server<SharedDirFs>>,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<DeviceThread>,
 }
 
 /// The bytes of the config space: the tag, NUL padded, then the number of request queues.
@@ -100,13 +99,6 @@ impl FsDevice {
     pub fn shared_dir(&self) -> &Path {
         &self.shared_dir
     }
-
-    fn stop_worker(&mut self) {
-        if let Some((stop, handle)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = handle.join();
-        }
-    }
 }
 
 impl VirtioDevice for FsDevice {
@@ -129,33 +121,25 @@ impl VirtioDevice for FsDevice {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        self.stop_worker();
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Setup)?;
-        let worker = Worker {
-            server: self.server.clone(),
-            memory: active.memory,
-            queues: active.queues,
-            queue_events: active.queue_events,
-            interrupt: active.interrupt,
-            stop: stop.try_clone().map_err(ActivateError::Setup)?,
-            logged_errors: 0,
-        };
-        let handle = std::thread::Builder::new()
-            .name("virtio-fs".into())
-            .spawn(move || worker.run())
-            .map_err(ActivateError::Thread)?;
-        self.worker = Some((stop, handle));
+        self.worker = None;
+        let server = self.server.clone();
+        self.worker = Some(DeviceThread::spawn("virtio-fs", move |stop| {
+            let worker = Worker {
+                server,
+                memory: active.memory,
+                queues: active.queues,
+                queue_events: active.queue_events,
+                interrupt: active.interrupt,
+                stop,
+                logged_errors: 0,
+            };
+            Ok(move || worker.run())
+        })?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
-    }
-}
-
-impl Drop for FsDevice {
-    fn drop(&mut self) {
-        self.stop_worker();
+        self.worker = None;
     }
 }
 

@@ -5,12 +5,10 @@
 use super::muxer::Muxer;
 use super::{QUEUE_SIZE, RX_QUEUE};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, ActiveQueues, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, ActiveQueues, DeviceThread, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
-use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -26,7 +24,7 @@ pub struct VsockDevice {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: UnixListener,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<DeviceThread>,
 }
 
 impl VsockDevice {
@@ -54,13 +52,6 @@ impl VsockDevice {
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
     }
-
-    fn stop_worker(&mut self) {
-        if let Some((stop, handle)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = handle.join();
-        }
-    }
 }
 
 impl VirtioDevice for VsockDevice {
@@ -86,36 +77,34 @@ impl VirtioDevice for VsockDevice {
 
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
         debug_assert_eq!(active.queues.len(), 3, "queue {RX_QUEUE} and two more");
-        self.stop_worker();
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Setup)?;
-        let muxer = Muxer::new(
-            self.guest_cid,
-            self.uds_path.clone(),
-            self.listener.try_clone().map_err(ActivateError::Setup)?,
-            active.memory,
-            active.queues,
-            active.queue_events,
-            active.interrupt,
-            stop.try_clone().map_err(ActivateError::Setup)?,
-        )
-        .map_err(ActivateError::Setup)?;
-        let handle = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || muxer.run())
-            .map_err(ActivateError::Thread)?;
-        self.worker = Some((stop, handle));
+        self.worker = None;
+        let listener = self.listener.try_clone().map_err(ActivateError::Setup)?;
+        let (guest_cid, uds_path) = (self.guest_cid, self.uds_path.clone());
+        self.worker = Some(DeviceThread::spawn("vsock", move |stop| {
+            let muxer = Muxer::new(
+                guest_cid,
+                uds_path,
+                listener,
+                active.memory,
+                active.queues,
+                active.queue_events,
+                active.interrupt,
+                stop,
+            )?;
+            Ok(move || muxer.run())
+        })?);
         Ok(())
     }
 
     fn reset(&mut self) {
         // Every connection is dropped with the muxer; host clients see their streams close.
-        self.stop_worker();
+        self.worker = None;
     }
 }
 
 impl Drop for VsockDevice {
     fn drop(&mut self) {
-        self.stop_worker();
+        self.worker = None;
         let _ = std::fs::remove_file(&self.uds_path);
     }
 }
