@@ -1,0 +1,106 @@
+//! `nestbox`: the host tool. `check` says whether this host can run sandboxes and why
+//! not; `env` prints the configuration and paths in effect; `config` prints what registers
+//! nestbox with containerd and Kubernetes.
+
+use clap::{Parser, Subcommand};
+use nestbox_shim::check::{self, Outcome};
+use nestbox_shim::config::{Config, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+use nestbox_shim::shim::RUNTIME_ID;
+use std::process::ExitCode;
+
+/// Per-pod host memory beyond the guest's own: the VMM (a few MiB measured, see
+/// docs/benchmarks.md) and the shim, rounded up.
+const POD_OVERHEAD_MIB: u64 = 32;
+
+#[derive(Parser)]
+#[command(name = "nestbox", version, about = "nestbox: every pod in its own KVM microVM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that this host can run nestbox sandboxes (exit 1 if it cannot).
+    Check,
+    /// Print the configuration and paths in effect.
+    Env,
+    /// Print the containerd configuration stanza and a Kubernetes RuntimeClass for nestbox.
+    Config,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Check => {
+            let findings = check::run(Config::load());
+            let mut failed = false;
+            for f in &findings {
+                let mark = match f.outcome {
+                    Outcome::Ok => "ok  ",
+                    Outcome::Warn => "warn",
+                    Outcome::Fail => {
+                        failed = true;
+                        "FAIL"
+                    }
+                };
+                println!("{mark}  {:<16} {}", f.what, f.detail);
+            }
+            if failed {
+                println!("\nthis host cannot run nestbox sandboxes yet: fix the FAIL lines above");
+                ExitCode::FAILURE
+            } else {
+                println!("\nthis host can run nestbox sandboxes");
+                ExitCode::SUCCESS
+            }
+        }
+        Command::Env => match Config::load() {
+            Ok(config) => {
+                println!(
+                    "# nestbox {} (config file: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH})",
+                    env!("CARGO_PKG_VERSION")
+                );
+                print!("{}", config.describe());
+                println!("\n# paths of a sandbox <id>");
+                for (what, path) in [
+                    ("directory", "<id>/"),
+                    ("console log", "<id>/console.log"),
+                    ("VMM log", "<id>/vmm.log"),
+                    ("vsock socket", "<id>/vsock.sock"),
+                    ("shared dir", "<id>/shared/<container-id>/rootfs"),
+                ] {
+                    println!("# {what:<13} {}/{path}", config.sandboxes_dir.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("nestbox: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Config => {
+            let memory = Config::load().map(|c| c.memory_mib).unwrap_or(nestbox_shim::config::DEFAULT_MEMORY_MIB);
+            print!(
+                "# containerd (/etc/containerd/config.toml, version 2): containerd then starts\n\
+                 # containerd-shim-nestbox-v2 from its PATH for pods of runtime class \"nestbox\".\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nestbox]\n\
+                 \x20 runtime_type = \"{RUNTIME_ID}\"\n\
+                 \x20 pod_annotations = [\"io.nestbox.*\"]\n\
+                 \n\
+                 # Kubernetes: kubectl apply -f - (pods opt in with runtimeClassName: nestbox).\n\
+                 # overhead: the guest's memory ({memory} MiB, hypervisor.memory_mib) and the VMM and shim.\n\
+                 ---\n\
+                 apiVersion: node.k8s.io/v1\n\
+                 kind: RuntimeClass\n\
+                 metadata:\n\
+                 \x20 name: nestbox\n\
+                 handler: nestbox\n\
+                 overhead:\n\
+                 \x20 podFixed:\n\
+                 \x20   memory: \"{}Mi\"\n\
+                 \x20   cpu: \"250m\"\n",
+                memory + POD_OVERHEAD_MIB
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}

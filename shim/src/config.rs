@@ -1,0 +1,391 @@
+//! Configuration: `/etc/nestbox/config.toml` (or `$NESTBOX_CONFIG`), every key optional,
+//! over built-in defaults that work on a fresh host; then per-pod overrides from
+//! `io.nestbox.*` annotations. Unknown keys and bad values are errors that name the key, so
+//! a typo never silently falls back to a default.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the configuration file is looked for.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/nestbox/config.toml";
+/// Environment variable naming another configuration file (which must then exist).
+pub const CONFIG_ENV: &str = "NESTBOX_CONFIG";
+/// Where `guest-image/build.sh` installs the guest kernel and initramfs.
+pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/nestbox";
+/// Environment variable that moves the default guest image directory (the VMM honours it too).
+pub const GUEST_DIR_ENV: &str = "NESTBOX_GUEST_DIR";
+pub const DEFAULT_SANDBOXES_DIR: &str = "/run/nestbox/sandboxes";
+pub const VMM_BINARY: &str = "nestbox-vmm";
+
+pub const DEFAULT_VCPUS: u8 = 1;
+pub const MAX_VCPUS: u8 = 254;
+/// More than the VMM's own default (128): the guest then holds the agent and a container's
+/// processes with room to spare.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Generous because a software-nested host (see docs) boots a guest in one to two minutes;
+/// on hardware KVM the agent answers in well under a second.
+pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 300;
+/// Creating a container is a few seconds of guest system calls on a software-nested host.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 120;
+
+/// Annotation prefix of per-pod overrides.
+pub const ANNOTATION_PREFIX: &str = "io.nestbox.";
+pub const ANNOTATION_VCPUS: &str = "io.nestbox.vcpus";
+pub const ANNOTATION_MEMORY_MIB: &str = "io.nestbox.memory_mib";
+
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+const CPU_TEMPLATES: [&str; 3] = ["auto", "none", "pvm"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}", path = path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {reason}", path = path.display())]
+    Parse { path: PathBuf, reason: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("annotation {key}: {reason}")]
+    Annotation { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
+}
+
+/// The file's shape: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    hypervisor: HypervisorFile,
+    #[serde(default)]
+    agent: AgentFile,
+    #[serde(default)]
+    runtime: RuntimeFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HypervisorFile {
+    vmm: Option<PathBuf>,
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    vcpus: Option<i64>,
+    memory_mib: Option<i64>,
+    kernel_params: Option<String>,
+    cpu_template: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    log_level: Option<String>,
+    boot_timeout_secs: Option<i64>,
+    request_timeout_secs: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuntimeFile {
+    sandboxes_dir: Option<PathBuf>,
+    shared_fs: Option<String>,
+}
+
+/// The configuration in effect: every value present and checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from, if one was read.
+    pub source: Option<PathBuf>,
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    /// Appended to the VMM's own kernel parameters.
+    pub kernel_params: String,
+    pub cpu_template: String,
+    pub agent_log_level: String,
+    /// How long the guest's agent may take to answer after the VMM starts.
+    pub boot_timeout: Duration,
+    /// How long one agent call (other than waiting for a process) may take.
+    pub request_timeout: Duration,
+    pub sandboxes_dir: PathBuf,
+    pub shared_fs: String,
+}
+
+/// Sizing of one pod's VM after annotations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+}
+
+impl Config {
+    /// Loads `$NESTBOX_CONFIG`, or `/etc/nestbox/config.toml` if it exists, or the defaults.
+    pub fn load() -> Result<Config, ConfigError> {
+        match std::env::var_os(CONFIG_ENV) {
+            Some(path) if !path.is_empty() => Config::load_file(Path::new(&path)),
+            _ => {
+                let path = Path::new(DEFAULT_CONFIG_PATH);
+                match std::fs::read_to_string(path) {
+                    Ok(text) => Config::parse(&text, Some(path)),
+                    // No file is the normal case: the built-in defaults.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::parse("", None),
+                    Err(source) => Err(ConfigError::Read { path: path.to_path_buf(), source }),
+                }
+            }
+        }
+    }
+
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text, Some(path))
+    }
+
+    /// Parses TOML text (empty text gives the defaults) and checks every value.
+    pub fn parse(text: &str, source: Option<&Path>) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: source.map(Path::to_path_buf).unwrap_or_default(),
+            reason: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let guest_dir = std::env::var_os(GUEST_DIR_ENV)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR));
+        let h = file.hypervisor;
+        let config = Config {
+            source: source.map(Path::to_path_buf),
+            vmm: absolute("hypervisor.vmm", h.vmm)?.unwrap_or_else(default_vmm),
+            kernel: absolute("hypervisor.kernel", h.kernel)?.unwrap_or_else(|| guest_dir.join("vmlinux")),
+            initramfs: absolute("hypervisor.initramfs", h.initramfs)?
+                .unwrap_or_else(|| guest_dir.join("initramfs.cpio")),
+            vcpus: match h.vcpus {
+                Some(v) => vcpus("hypervisor.vcpus", v).map_err(|r| invalid("hypervisor.vcpus", r))?,
+                None => DEFAULT_VCPUS,
+            },
+            memory_mib: match h.memory_mib {
+                Some(v) => memory("hypervisor.memory_mib", v).map_err(|r| invalid("hypervisor.memory_mib", r))?,
+                None => DEFAULT_MEMORY_MIB,
+            },
+            kernel_params: h.kernel_params.unwrap_or_default(),
+            cpu_template: one_of("hypervisor.cpu_template", h.cpu_template, &CPU_TEMPLATES, "auto")?,
+            agent_log_level: one_of("agent.log_level", file.agent.log_level, &LOG_LEVELS, "info")?,
+            boot_timeout: seconds("agent.boot_timeout_secs", file.agent.boot_timeout_secs, DEFAULT_BOOT_TIMEOUT_SECS)?,
+            request_timeout: seconds(
+                "agent.request_timeout_secs",
+                file.agent.request_timeout_secs,
+                DEFAULT_REQUEST_TIMEOUT_SECS,
+            )?,
+            sandboxes_dir: absolute("runtime.sandboxes_dir", file.runtime.sandboxes_dir)?
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SANDBOXES_DIR)),
+            shared_fs: one_of("runtime.shared_fs", file.runtime.shared_fs, &["virtio-fs"], "virtio-fs")?,
+        };
+        if config.kernel_params.contains('\n') {
+            return Err(invalid("hypervisor.kernel_params", "must be one line"));
+        }
+        Ok(config)
+    }
+
+    /// The VM size for a pod: the configuration, overridden by the pod's `io.nestbox.*`
+    /// annotations. An unknown `io.nestbox.` annotation is an error, like an unknown key.
+    pub fn vm_size(&self, annotations: &HashMap<String, String>) -> Result<VmSize, ConfigError> {
+        let mut size = VmSize { vcpus: self.vcpus, memory_mib: self.memory_mib };
+        let mut keys: Vec<&String> = annotations.keys().filter(|k| k.starts_with(ANNOTATION_PREFIX)).collect();
+        keys.sort();
+        for key in keys {
+            let value = &annotations[key];
+            let bad = |reason: String| ConfigError::Annotation { key: key.clone(), reason };
+            let number = || value.trim().parse::<i64>().map_err(|_| bad(format!("{value:?} is not a whole number")));
+            match key.as_str() {
+                ANNOTATION_VCPUS => size.vcpus = vcpus(key, number()?).map_err(bad)?,
+                ANNOTATION_MEMORY_MIB => size.memory_mib = memory(key, number()?).map_err(bad)?,
+                _ => {
+                    return Err(bad(format!(
+                        "unknown nestbox annotation (known: {ANNOTATION_VCPUS}, {ANNOTATION_MEMORY_MIB})"
+                    )))
+                }
+            }
+        }
+        Ok(size)
+    }
+
+    /// The configuration as TOML-like lines, for `nestbox env`.
+    pub fn describe(&self) -> String {
+        let source = match &self.source {
+            Some(p) => p.display().to_string(),
+            None => format!("none ({DEFAULT_CONFIG_PATH} absent: built-in defaults)"),
+        };
+        format!(
+            "# configuration file: {source}\n\
+             [hypervisor]\nvmm = {:?}\nkernel = {:?}\ninitramfs = {:?}\nvcpus = {}\nmemory_mib = {}\n\
+             kernel_params = {:?}\ncpu_template = {:?}\n\n\
+             [agent]\nlog_level = {:?}\nboot_timeout_secs = {}\nrequest_timeout_secs = {}\n\n\
+             [runtime]\nsandboxes_dir = {:?}\nshared_fs = {:?}\n",
+            self.vmm.display().to_string(),
+            self.kernel.display().to_string(),
+            self.initramfs.display().to_string(),
+            self.vcpus,
+            self.memory_mib,
+            self.kernel_params,
+            self.cpu_template,
+            self.agent_log_level,
+            self.boot_timeout.as_secs(),
+            self.request_timeout.as_secs(),
+            self.sandboxes_dir.display().to_string(),
+            self.shared_fs,
+        )
+    }
+}
+
+fn vcpus(_key: &str, value: i64) -> Result<u8, String> {
+    match u8::try_from(value) {
+        Ok(v) if (1..=MAX_VCPUS).contains(&v) => Ok(v),
+        _ => Err(format!("{value} vCPUs: must be 1 to {MAX_VCPUS}")),
+    }
+}
+
+fn memory(_key: &str, value: i64) -> Result<u64, String> {
+    match u64::try_from(value) {
+        Ok(v) if v >= MIN_MEMORY_MIB => Ok(v),
+        _ => Err(format!("{value} MiB: must be at least {MIN_MEMORY_MIB}")),
+    }
+}
+
+fn seconds(key: &str, value: Option<i64>, default: u64) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(Duration::from_secs(default)),
+        Some(v) if v > 0 => Ok(Duration::from_secs(v.unsigned_abs())),
+        Some(v) => Err(invalid(key, format!("{v}: must be a positive number of seconds"))),
+    }
+}
+
+fn one_of(key: &str, value: Option<String>, allowed: &[&str], default: &str) -> Result<String, ConfigError> {
+    match value {
+        None => Ok(default.to_string()),
+        Some(v) if allowed.contains(&v.as_str()) => Ok(v),
+        Some(v) => Err(invalid(key, format!("{v:?}: must be one of {}", allowed.join(", ")))),
+    }
+}
+
+fn absolute(key: &str, value: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    match value {
+        Some(p) if !p.is_absolute() => Err(invalid(key, format!("{}: must be an absolute path", p.display()))),
+        other => Ok(other),
+    }
+}
+
+/// `nestbox-vmm` installed beside the running binary (an installation or a cargo build
+/// directory), else found on PATH, else the install location.
+fn default_vmm() -> PathBuf {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+        let beside = dir.join(VMM_BINARY);
+        if beside.is_file() {
+            return beside;
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(VMM_BINARY);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("/usr/local/bin").join(VMM_BINARY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Some(Path::new("/test/config.toml")))
+    }
+
+    #[test]
+    fn empty_file_gives_working_defaults() {
+        let c = parse("").expect("defaults");
+        assert_eq!((c.vcpus, c.memory_mib), (DEFAULT_VCPUS, DEFAULT_MEMORY_MIB));
+        assert_eq!(c.sandboxes_dir, Path::new(DEFAULT_SANDBOXES_DIR));
+        assert!(c.kernel.ends_with("vmlinux") && c.initramfs.ends_with("initramfs.cpio"));
+        assert_eq!(c.boot_timeout, Duration::from_secs(DEFAULT_BOOT_TIMEOUT_SECS));
+        assert!(c.vmm.ends_with(VMM_BINARY));
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = parse(
+            r#"
+            [hypervisor]
+            vmm = "/opt/vmm"
+            kernel = "/k"
+            initramfs = "/i"
+            vcpus = 2
+            memory_mib = 512
+            kernel_params = "quiet"
+            cpu_template = "none"
+            [agent]
+            log_level = "debug"
+            boot_timeout_secs = 5
+            request_timeout_secs = 7
+            [runtime]
+            sandboxes_dir = "/tmp/sb"
+            shared_fs = "virtio-fs"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.vmm, Path::new("/opt/vmm"));
+        assert_eq!((c.vcpus, c.memory_mib, c.kernel_params.as_str()), (2, 512, "quiet"));
+        assert_eq!((c.cpu_template.as_str(), c.agent_log_level.as_str()), ("none", "debug"));
+        assert_eq!((c.boot_timeout.as_secs(), c.request_timeout.as_secs()), (5, 7));
+        assert_eq!(c.sandboxes_dir, Path::new("/tmp/sb"));
+        // What `nestbox env` prints is itself a valid configuration with the same values.
+        let again = parse(c.describe().as_str()).expect("describe() parses");
+        assert_eq!(Config { source: c.source.clone(), ..again }, c);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (text, key) in [
+            ("[hypervisor]\nvcpus = 0", "hypervisor.vcpus"),
+            ("[hypervisor]\nvcpus = 300", "hypervisor.vcpus"),
+            ("[hypervisor]\nmemory_mib = 10", "hypervisor.memory_mib"),
+            ("[hypervisor]\ncpu_template = \"fast\"", "hypervisor.cpu_template"),
+            ("[hypervisor]\nkernel = \"relative/vmlinux\"", "hypervisor.kernel"),
+            ("[agent]\nboot_timeout_secs = 0", "agent.boot_timeout_secs"),
+            ("[agent]\nlog_level = \"loud\"", "agent.log_level"),
+            ("[runtime]\nshared_fs = \"9p\"", "runtime.shared_fs"),
+        ] {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(key), "{text:?} -> {err}");
+        }
+        // Unknown keys and wrong types: toml names the key and shows the line.
+        let err = parse("[hypervisor]\nvcpu = 2").expect_err("unknown key").to_string();
+        assert!(err.contains("vcpu") && err.contains("unknown field"), "{err}");
+        let err = parse("[hypervisors]\n").expect_err("unknown table").to_string();
+        assert!(err.contains("hypervisors"), "{err}");
+        let err = parse("[hypervisor]\nvcpus = \"two\"").expect_err("bad type").to_string();
+        assert!(err.contains("vcpus") && err.contains("/test/config.toml"), "{err}");
+    }
+
+    #[test]
+    fn annotations_override_size_and_unknown_ones_are_errors() {
+        let c = parse("[hypervisor]\nvcpus = 2\nmemory_mib = 300").expect("valid");
+        let ann = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(c.vm_size(&ann(&[("other.key", "x")])).expect("no override"), VmSize { vcpus: 2, memory_mib: 300 });
+        assert_eq!(
+            c.vm_size(&ann(&[(ANNOTATION_VCPUS, "1"), (ANNOTATION_MEMORY_MIB, "1024")])).expect("overrides"),
+            VmSize { vcpus: 1, memory_mib: 1024 }
+        );
+        for (key, value) in [(ANNOTATION_VCPUS, "0"), (ANNOTATION_VCPUS, "x"), (ANNOTATION_MEMORY_MIB, "-1")] {
+            let err = c.vm_size(&ann(&[(key, value)])).expect_err(value).to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let err = c.vm_size(&ann(&[("io.nestbox.cpus", "2")])).expect_err("unknown").to_string();
+        assert!(err.contains("io.nestbox.cpus") && err.contains("unknown"), "{err}");
+    }
+}

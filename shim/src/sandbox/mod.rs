@@ -1,0 +1,403 @@
+//! One pod's sandbox: its directory `<sandboxes_dir>/<id>/`, its VMM, and the agent in
+//! its guest.
+//!
+//! ```text
+//! <sandboxes_dir>/<id>/
+//!   console.log    the guest's serial console (also forwarded to the shim's log)
+//!   vmm.log        the VMM's own stderr
+//!   vmm.pid        so a `delete` after a killed shim can find a VMM that outlived it
+//!   vsock.sock     the VMM's hybrid vsock socket (agent API and standard streams)
+//!   shared/        exported to the guest over virtio-fs, mounted there at
+//!     <cid>/rootfs   /run/nestbox/shared: containers' root file systems
+//!     <cid>/mounts/  and the files the spec binds from the host
+//! ```
+//!
+//! Cleanup (after a stop, a failed start, a dead VMM, or for a shim that is gone) is one
+//! function, [`remove_dir`]: unmount everything below the directory per the kernel's
+//! mount table, then delete it.
+
+pub mod agent;
+pub mod mounts;
+pub mod vmm;
+
+use crate::config::{Config, VmSize};
+use agent::{Agent, AgentError, FS_TAG};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm::{Vmm, VmmSpec};
+
+/// Console lines kept for error messages.
+const CONSOLE_TAIL_LINES: usize = 25;
+/// How long one connection attempt may take before the VMM is checked again.
+const CONNECT_SLICE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("creating sandbox directory {path}: {source}", path = path.display())]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("sandbox {id} already exists at {path} (a shim of that pod is still running, or a crashed one was not cleaned up: `ctr task delete` it)", path = path.display())]
+    Exists { id: String, path: PathBuf },
+    #[error(transparent)]
+    Vmm(#[from] vmm::VmmError),
+    #[error("the VMM exited ({status}) before the guest's agent answered{details}")]
+    VmmExited { status: String, details: String },
+    #[error("the guest's agent did not answer within {waited:?} (VMM pid {pid} still running): {reason}{details}")]
+    BootTimeout { waited: Duration, pid: u32, reason: String, details: String },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("removing sandbox directory {path}: {reason}", path = path.display())]
+    Cleanup { path: PathBuf, reason: String },
+}
+
+/// Where a sandbox's files live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxPaths {
+    pub dir: PathBuf,
+    pub shared: PathBuf,
+    pub console: PathBuf,
+    pub vmm_log: PathBuf,
+    pub pid_file: PathBuf,
+    pub vsock: PathBuf,
+}
+
+impl SandboxPaths {
+    pub fn new(sandboxes_dir: &Path, id: &str) -> SandboxPaths {
+        let dir = sandboxes_dir.join(id);
+        SandboxPaths {
+            shared: dir.join("shared"),
+            console: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            pid_file: dir.join("vmm.pid"),
+            vsock: dir.join("vsock.sock"),
+            dir,
+        }
+    }
+
+    /// A container's directory in the shared tree (host side).
+    pub fn container_dir(&self, container_id: &str) -> PathBuf {
+        self.shared.join(container_id)
+    }
+}
+
+/// The last lines of the guest console, for error messages; every line also goes to the log.
+#[derive(Clone, Default)]
+struct ConsoleTail {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ConsoleTail {
+    /// Follows `path` (written by the VMM) until stopped, then reads what is left.
+    fn follow(&self, path: PathBuf, sandbox_id: String) {
+        let tail = self.clone();
+        let spawned = std::thread::Builder::new().name("console".into()).spawn(move || {
+            let mut reader = loop {
+                match std::fs::File::open(&path) {
+                    Ok(f) => break BufReader::new(f),
+                    Err(_) if !tail.stop.load(Ordering::Acquire) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(_) => return,
+                }
+            };
+            let mut line = Vec::new();
+            loop {
+                let stopping = tail.stop.load(Ordering::Acquire);
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(_) if line.ends_with(b"\n") => {
+                        tail.push(&sandbox_id, &line);
+                        line.clear();
+                    }
+                    // End of what is written so far (a partial line stays buffered).
+                    Ok(_) if stopping => {
+                        if !line.is_empty() {
+                            tail.push(&sandbox_id, &line);
+                        }
+                        return;
+                    }
+                    Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(_) => return,
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("not forwarding the guest console: {e}");
+        }
+    }
+
+    fn push(&self, sandbox_id: &str, raw: &[u8]) {
+        let text = String::from_utf8_lossy(raw).trim_end().to_string();
+        log::info!("guest {sandbox_id}: {text}");
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() == CONSOLE_TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(text);
+    }
+
+    fn last_lines(&self) -> String {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.is_empty() {
+            return String::new();
+        }
+        format!("; last guest console lines:\n  {}", lines.iter().cloned().collect::<Vec<_>>().join("\n  "))
+    }
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    pub id: String,
+    pub paths: SandboxPaths,
+    vmm: Vmm,
+    agent: Agent,
+    stopping: Arc<AtomicBool>,
+    console: ConsoleTail,
+}
+
+impl Sandbox {
+    /// Creates the sandbox directory, starts the VMM, and waits for the agent. On any
+    /// failure nothing is left: the VMM is killed and the directory removed.
+    /// `on_vmm_exit` runs when the VMM ends other than through [`Sandbox::stop`].
+    pub fn start(
+        config: &Config,
+        id: &str,
+        size: VmSize,
+        on_vmm_exit: Box<dyn FnOnce(ExitStatus) + Send>,
+    ) -> Result<Sandbox, SandboxError> {
+        let paths = SandboxPaths::new(&config.sandboxes_dir, id);
+        if paths.dir.exists() {
+            return Err(SandboxError::Exists { id: id.to_string(), path: paths.dir });
+        }
+        let dir_error = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SandboxError::Dir { path, source }
+        };
+        std::fs::create_dir_all(&config.sandboxes_dir).map_err(dir_error(&config.sandboxes_dir))?;
+        std::fs::create_dir(&paths.dir).map_err(dir_error(&paths.dir))?;
+        match Sandbox::boot(config, id, size, paths.clone(), on_vmm_exit) {
+            Ok(sandbox) => Ok(sandbox),
+            Err(e) => {
+                if let Err(cleanup) = remove_dir(&paths.dir) {
+                    log::error!("sandbox {id}: cleanup after failed start: {cleanup}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn boot(
+        config: &Config,
+        id: &str,
+        size: VmSize,
+        paths: SandboxPaths,
+        on_vmm_exit: Box<dyn FnOnce(ExitStatus) + Send>,
+    ) -> Result<Sandbox, SandboxError> {
+        std::fs::create_dir(&paths.shared)
+            .map_err(|source| SandboxError::Dir { path: paths.shared.clone(), source })?;
+        let spec = VmmSpec {
+            binary: config.vmm.clone(),
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            // The agent's log level travels on the kernel command line, which it reads at boot.
+            kernel_params: format!("nestbox.log={} {}", config.agent_log_level, config.kernel_params)
+                .trim()
+                .to_string(),
+            cpu_template: config.cpu_template.clone(),
+            console: paths.console.clone(),
+            vsock_socket: paths.vsock.clone(),
+            shared_dir: paths.shared.clone(),
+            fs_tag: FS_TAG.to_string(),
+            log: paths.vmm_log.clone(),
+        };
+        let stopping = Arc::new(AtomicBool::new(false));
+        let console = ConsoleTail::default();
+        let on_exit = {
+            let stopping = stopping.clone();
+            let console = console.clone();
+            let id = id.to_string();
+            Box::new(move |status: ExitStatus| {
+                console.stop.store(true, Ordering::Release);
+                if stopping.load(Ordering::Acquire) {
+                    log::info!("sandbox {id}: VMM ended ({status})");
+                } else {
+                    on_vmm_exit(status);
+                }
+            })
+        };
+        log::info!("sandbox {id}: starting {:?}", spec.command());
+        let vmm = Vmm::spawn(&spec, on_exit)?;
+        console.follow(paths.console.clone(), id.to_string());
+        // From here on, a failure must kill the VMM (the caller removes the directory).
+        let fail = |vmm: &Vmm, stopping: &AtomicBool| {
+            stopping.store(true, Ordering::Release);
+            vmm.kill(Duration::from_secs(10));
+        };
+        if let Err(e) = std::fs::write(&paths.pid_file, vmm.pid().to_string()) {
+            fail(&vmm, &stopping);
+            return Err(SandboxError::Dir { path: paths.pid_file.clone(), source: e });
+        }
+        let started = Instant::now();
+        let agent = match connect(config, &paths, &vmm, &console, started) {
+            Ok(agent) => agent,
+            Err(e) => {
+                fail(&vmm, &stopping);
+                return Err(e);
+            }
+        };
+        let sandbox = Sandbox { id: id.to_string(), paths, vmm, agent, stopping, console };
+        let hostname: String = id.chars().take(12).collect();
+        match sandbox.agent.version().and_then(|v| {
+            log::info!(
+                "sandbox {id}: agent {} on guest kernel {} answered after {:.1?}",
+                v.agent_version,
+                v.kernel_release,
+                started.elapsed()
+            );
+            sandbox.agent.create_sandbox(id, &hostname)
+        }) {
+            Ok(()) => Ok(sandbox),
+            Err(e) => {
+                fail(&sandbox.vmm, &sandbox.stopping);
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.pid()
+    }
+
+    /// Whether the VMM has ended.
+    pub fn vmm_exited(&self) -> bool {
+        self.vmm.exit_status().is_some()
+    }
+
+    /// Ends the VM (asking the guest first, then SIGKILL) and removes the sandbox's
+    /// directory with everything mounted below it.
+    pub fn stop(&self) -> Result<(), SandboxError> {
+        self.stopping.store(true, Ordering::Release);
+        if self.vmm.exit_status().is_none() {
+            match self.agent.shutdown() {
+                Ok(()) => {
+                    // The guest reboots, which ends the VMM; do not wait long for it.
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while self.vmm.exit_status().is_none() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                Err(e) => log::debug!("sandbox {}: {e}; killing the VMM", self.id),
+            }
+            if self.vmm.kill(Duration::from_secs(10)).is_none() {
+                log::error!("sandbox {}: VMM pid {} did not die after SIGKILL", self.id, self.vmm.pid());
+            }
+        }
+        self.console.stop.store(true, Ordering::Release);
+        remove_dir(&self.paths.dir)
+    }
+
+    /// The last guest console lines, for error messages.
+    pub fn console_tail(&self) -> String {
+        self.console.last_lines()
+    }
+}
+
+/// Connects to the agent until the boot timeout, giving up at once when the VMM exits.
+fn connect(
+    config: &Config,
+    paths: &SandboxPaths,
+    vmm: &Vmm,
+    console: &ConsoleTail,
+    started: Instant,
+) -> Result<Agent, SandboxError> {
+    let deadline = started + config.boot_timeout;
+    loop {
+        if let Some(status) = vmm.exit_status() {
+            let log = std::fs::read_to_string(&paths.vmm_log).unwrap_or_default();
+            let mut details = String::new();
+            if !log.trim().is_empty() {
+                details = format!(": {}", log.trim());
+            }
+            details.push_str(&console.last_lines());
+            return Err(SandboxError::VmmExited { status: status.to_string(), details });
+        }
+        let slice = (Instant::now() + CONNECT_SLICE).min(deadline);
+        match Agent::connect(&paths.vsock, slice, config.request_timeout) {
+            Ok(agent) => return Ok(agent),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(SandboxError::BootTimeout {
+                    waited: started.elapsed(),
+                    pid: vmm.pid(),
+                    reason: e.to_string(),
+                    details: console.last_lines(),
+                })
+            }
+            // A permanent socket error returns at once: do not spin on it.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Unmounts everything below `dir` and deletes it. Missing is fine.
+pub fn remove_dir(dir: &Path) -> Result<(), SandboxError> {
+    let cleanup = |reason: String| SandboxError::Cleanup { path: dir.to_path_buf(), reason };
+    mounts::unmount_under(dir).map_err(|e| cleanup(e.to_string()))?;
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(cleanup(e.to_string())),
+    }
+}
+
+/// Cleanup for containerd's `delete` after the shim is gone: kill a VMM that outlived it
+/// (normally the parent-death signal already did), unmount the container's (or, for the
+/// pod's own container, the whole sandbox's) mounts and remove the directories.
+pub fn cleanup_after_shim(config: &Config, sandbox_id: &str, container_id: &str) -> Result<(), SandboxError> {
+    let paths = SandboxPaths::new(&config.sandboxes_dir, sandbox_id);
+    if container_id == sandbox_id {
+        if vmm::kill_stale(&paths.pid_file, &paths.vsock) {
+            log::warn!("sandbox {sandbox_id}: killed a VMM left by a shim that is gone");
+        }
+        remove_dir(&paths.dir)
+    } else {
+        remove_dir(&paths.container_dir(container_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_inside_the_sandbox_dir() {
+        let p = SandboxPaths::new(Path::new("/run/nestbox/sandboxes"), "pod1");
+        assert_eq!(p.dir, Path::new("/run/nestbox/sandboxes/pod1"));
+        for inner in [&p.shared, &p.console, &p.vmm_log, &p.pid_file, &p.vsock] {
+            assert!(inner.starts_with(&p.dir), "{}", inner.display());
+        }
+        assert_eq!(p.container_dir("c1"), Path::new("/run/nestbox/sandboxes/pod1/shared/c1"));
+    }
+
+    #[test]
+    fn remove_dir_unmounts_first_and_tolerates_missing() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("sb");
+        std::fs::create_dir_all(dir.join("shared/c1/rootfs")).expect("mkdir");
+        std::fs::create_dir_all(root.path().join("data")).expect("mkdir");
+        std::fs::write(root.path().join("data/f"), "keep me").expect("write");
+        mounts::bind(&root.path().join("data"), &dir.join("shared/c1/rootfs"), false).expect("bind");
+        remove_dir(&dir).expect("removed");
+        assert!(!dir.exists());
+        // The bound source was unmounted, not emptied through the mount.
+        assert_eq!(std::fs::read_to_string(root.path().join("data/f")).expect("still there"), "keep me");
+        remove_dir(&dir).expect("missing is fine");
+    }
+}

@@ -1,0 +1,293 @@
+//! The pod's VMM process: spawned with the sandbox's console log, vsock socket and shared
+//! directory, and supervised by a thread that reports its end exactly once.
+//!
+//! The VMM gets SIGKILL when the supervising thread ends (PR_SET_PDEATHSIG): a pod VM
+//! whose shim is gone serves nobody, and this way a killed shim cannot leak a VM. The
+//! signal follows the thread that spawned the child, not the process, which is why the
+//! supervising thread itself spawns the VMM and lives exactly as long as it.
+
+use std::fs::File;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often the supervisor looks at the child. Polling (rather than a blocking wait)
+/// lets [`Vmm::kill`] signal the child under the same lock that reaps it, so a recycled
+/// PID can never be hit.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Everything the VMM is started with.
+#[derive(Clone, Debug)]
+pub struct VmmSpec {
+    pub binary: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel_params: String,
+    pub cpu_template: String,
+    pub console: PathBuf,
+    pub vsock_socket: PathBuf,
+    pub shared_dir: PathBuf,
+    pub fs_tag: String,
+    /// The VMM's own stderr (its error messages).
+    pub log: PathBuf,
+}
+
+impl VmmSpec {
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--initramfs")
+            .arg(&self.initramfs)
+            .arg("--vcpus")
+            .arg(self.vcpus.to_string())
+            .arg("--memory-mib")
+            .arg(self.memory_mib.to_string())
+            .arg("--cpu-template")
+            .arg(&self.cpu_template)
+            .arg("--console")
+            .arg(&self.console)
+            .arg("--vsock-socket")
+            .arg(&self.vsock_socket)
+            .arg("--shared-dir")
+            .arg(&self.shared_dir)
+            .arg("--fs-tag")
+            .arg(&self.fs_tag);
+        if !self.kernel_params.is_empty() {
+            cmd.arg("--cmdline").arg(&self.kernel_params);
+        }
+        cmd
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("creating the VMM log {path}: {source}", path = path.display())]
+    Log { path: PathBuf, source: std::io::Error },
+    #[error("starting the VMM {binary}: {source}", binary = binary.display())]
+    Spawn { binary: PathBuf, source: std::io::Error },
+    #[error("starting the VMM's supervisor thread: {0}")]
+    Thread(std::io::Error),
+}
+
+struct State {
+    child: Option<Child>,
+    exit: Option<ExitStatus>,
+}
+
+/// A running (or ended) VMM.
+pub struct Vmm {
+    pid: u32,
+    state: Arc<(Mutex<State>, Condvar)>,
+}
+
+impl Vmm {
+    /// Spawns the VMM; `on_exit` runs once, on the supervisor thread, when it has ended
+    /// for whatever reason (including [`Vmm::kill`]).
+    pub fn spawn(spec: &VmmSpec, on_exit: Box<dyn FnOnce(ExitStatus) + Send>) -> Result<Vmm, VmmError> {
+        let log = File::create(&spec.log).map_err(|source| VmmError::Log { path: spec.log.clone(), source })?;
+        let mut cmd = spec.command();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of
+        // the parent; it is all that runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let state = Arc::new((Mutex::new(State { child: None, exit: None }), Condvar::new()));
+        let (started_tx, started_rx) = mpsc::channel();
+        let supervised = state.clone();
+        let binary = spec.binary.clone();
+        std::thread::Builder::new()
+            .name("vmm-supervisor".into())
+            .spawn(move || {
+                let child = match cmd.spawn() {
+                    Ok(child) => child,
+                    Err(source) => {
+                        let _ = started_tx.send(Err(VmmError::Spawn { binary, source }));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok(child.id()));
+                lock(&supervised.0).child = Some(child);
+                let status = supervise(&supervised);
+                on_exit(status);
+            })
+            .map_err(VmmError::Thread)?;
+        let pid = match started_rx.recv() {
+            Ok(result) => result?,
+            Err(_) => return Err(VmmError::Thread(std::io::Error::other("supervisor thread ended early"))),
+        };
+        Ok(Vmm { pid, state })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The VMM's exit status, once it has ended.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        lock(&self.state.0).exit
+    }
+
+    /// Kills the VMM (if still running) and waits until it is reaped, at most `timeout`.
+    pub fn kill(&self, timeout: Duration) -> Option<ExitStatus> {
+        let (lock_, cond) = &*self.state;
+        let mut state = lock(lock_);
+        if let Some(child) = state.child.as_mut() {
+            let _ = child.kill();
+        }
+        let deadline = Instant::now() + timeout;
+        while state.exit.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            state = match cond.wait_timeout(state, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        state.exit
+    }
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn supervise(state: &(Mutex<State>, Condvar)) -> ExitStatus {
+    loop {
+        {
+            let mut s = lock(&state.0);
+            let polled = match s.child.as_mut() {
+                Some(child) => child.try_wait(),
+                None => Ok(Some(ExitStatus::from_raw(0))),
+            };
+            match polled {
+                Ok(Some(status)) => {
+                    s.child = None;
+                    s.exit = Some(status);
+                    state.1.notify_all();
+                    return status;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // waitpid cannot fail for our own child short of a bug; report the
+                    // VMM as gone (killed) rather than spin.
+                    log::error!("waiting for the VMM: {e}");
+                    if let Some(mut child) = s.child.take() {
+                        let _ = child.kill();
+                    }
+                    let status = ExitStatus::from_raw(libc::SIGKILL);
+                    s.exit = Some(status);
+                    state.1.notify_all();
+                    return status;
+                }
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Kills a VMM left by a shim that is gone, identified by its PID file and checked by
+/// its command line (which names the sandbox's own socket), so a recycled PID is never hit.
+pub fn kill_stale(pid_file: &Path, vsock_socket: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(pid_file) else { return false };
+    let Ok(pid) = text.trim().parse::<i32>() else { return false };
+    if pid <= 1 {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let needle = vsock_socket.as_os_str().as_encoded_bytes();
+    let ours = cmdline.split(|b| *b == 0).any(|arg| arg == needle);
+    if !ours {
+        return false;
+    }
+    // SAFETY: kill(2) with a PID we just identified; no memory is involved.
+    let killed = unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
+    // Not our child: wait for it to disappear rather than reap it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    killed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path, binary: &str) -> VmmSpec {
+        VmmSpec {
+            binary: PathBuf::from(binary),
+            kernel: dir.join("k"),
+            initramfs: dir.join("i"),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel_params: String::new(),
+            cpu_template: "auto".into(),
+            console: dir.join("console.log"),
+            vsock_socket: dir.join("vsock.sock"),
+            shared_dir: dir.join("shared"),
+            fs_tag: "nestbox".into(),
+            log: dir.join("vmm.log"),
+        }
+    }
+
+    #[test]
+    fn missing_binary_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Vmm::spawn(&spec(dir.path(), "/nonexistent/nestbox-vmm"), Box::new(|_| {}))
+            .err()
+            .expect("spawn fails")
+            .to_string();
+        assert!(err.contains("/nonexistent/nestbox-vmm"), "{err}");
+    }
+
+    /// A stand-in VMM (`sleep`) is killed, reaped, and reported once.
+    #[test]
+    fn kill_reaps_and_reports_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // `sleep` rejects the VMM's arguments; use a shell that ignores them and sleeps.
+        let script = dir.path().join("fake-vmm");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").expect("write");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let (tx, rx) = mpsc::channel();
+        let vmm =
+            Vmm::spawn(&spec(dir.path(), &script.to_string_lossy()), Box::new(move |s| tx.send(s).expect("send")))
+                .expect("spawn");
+        assert!(Path::new(&format!("/proc/{}", vmm.pid())).exists());
+        assert!(vmm.exit_status().is_none());
+        let status = vmm.kill(Duration::from_secs(10)).expect("reaped");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).expect("on_exit ran").signal(), Some(libc::SIGKILL));
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "on_exit ran twice");
+        // Killing again is harmless.
+        assert_eq!(vmm.kill(Duration::from_secs(1)), Some(status));
+    }
+
+    #[test]
+    fn stale_vmm_is_killed_only_if_its_command_line_matches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("vsock.sock");
+        let mut child = Command::new("sleep").arg("600").spawn().expect("sleep");
+        let pid_file = dir.path().join("vmm.pid");
+        std::fs::write(&pid_file, child.id().to_string()).expect("write");
+        // `sleep 600` does not name our socket: left alone.
+        assert!(!kill_stale(&pid_file, &socket));
+        assert!(child.try_wait().expect("try_wait").is_none());
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::write(&pid_file, "garbage").expect("write");
+        assert!(!kill_stale(&pid_file, &socket));
+    }
+}

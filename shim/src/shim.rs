@@ -1,0 +1,110 @@
+//! The shim binary's life cycle, as containerd drives it:
+//!
+//! - `start` (in the bundle directory): find the pod (annotation
+//!   `io.kubernetes.cri.sandbox-id`, else the container is its own pod), start a shim daemon
+//!   for it unless one already serves the pod (the socket address is derived from the pod
+//!   id, so every container of a pod reaches the same shim, VM and agent), print its address;
+//! - the daemon: serve the task API until `shutdown`;
+//! - `delete` (after a shim died, or a start failed): clean up what the dead shim left.
+
+use crate::config::Config;
+use crate::sandbox;
+use crate::task::{self, Service, SANDBOX_ID_ANNOTATION};
+use containerd_shim::api::DeleteResponse;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Flags, StartOpts};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The runtime name containerd knows us by (`runtime_type`).
+pub const RUNTIME_ID: &str = "io.containerd.nestbox.v2";
+
+/// The exit status `delete` reports for a task whose shim died (128 + SIGKILL), as
+/// containerd's runc shim does.
+const KILLED_EXIT_STATUS: u32 = 137;
+
+pub struct NestboxShim {
+    id: String,
+    namespace: String,
+    bundle: PathBuf,
+    exit: Arc<ExitSignal>,
+}
+
+/// The pod a bundle's container belongs to.
+fn pod_of(bundle: &Path, container_id: &str) -> String {
+    let spec: Option<serde_json::Value> =
+        std::fs::read(bundle.join("config.json")).ok().and_then(|text| serde_json::from_slice(&text).ok());
+    spec.as_ref()
+        .and_then(|s| s.pointer("/annotations").and_then(|a| a.get(SANDBOX_ID_ANNOTATION)))
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(container_id)
+        .to_string()
+}
+
+fn other(e: impl std::fmt::Display) -> containerd_shim::Error {
+    containerd_shim::Error::Other(e.to_string())
+}
+
+impl containerd_shim::Shim for NestboxShim {
+    type T = Service;
+
+    fn new(_runtime_id: &str, args: &Flags, config: &mut containerd_shim::Config) -> Self {
+        // The shim waits for its own children (the VMM) itself: a reaper that takes every
+        // child's status would steal the VMM's exit from its supervisor.
+        config.no_reaper = true;
+        config.no_sub_reaper = true;
+        let bundle = if args.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            PathBuf::from(&args.bundle)
+        };
+        NestboxShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            bundle,
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // Fail here, where containerd shows the message, rather than in the daemon.
+        Config::load().map_err(other)?;
+        let pod = pod_of(&self.bundle, &opts.id);
+        let (_pid, address) = containerd_shim::spawn(opts, &pod, Vec::new())?;
+        containerd_shim::util::write_address(&address)?;
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let config = Config::load().map_err(other)?;
+        let pod = pod_of(&self.bundle, &self.id);
+        log::info!("delete: cleaning up container {} of pod {pod} after its shim", self.id);
+        sandbox::cleanup_after_shim(&config, &pod, &self.id).map_err(other)?;
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: KILLED_EXIT_STATUS,
+            exited_at: Some(task::now()).into(),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Service {
+        let config = match Config::load() {
+            Ok(config) => config,
+            Err(e) => {
+                // start_shim checked the same file moments ago; if it changed since, the
+                // shim cannot serve: say why and end, so containerd reports the failure.
+                log::error!("{e}");
+                eprintln!("containerd-shim-nestbox-v2: {e}");
+                std::process::exit(1);
+            }
+        };
+        log::info!("nestbox shim {} serving namespace {}", env!("CARGO_PKG_VERSION"), self.namespace);
+        Service::new(config, &self.namespace, publisher, self.exit.clone())
+    }
+}
