@@ -407,30 +407,6 @@ impl Shared {
             }
             state.sandbox.clone()
         };
-        let (sandbox, new_vm) = match sandbox {
-            Some(s) => (s, false),
-            None => {
-                let size = self
-                    .config
-                    .vm_size(&annotations)
-                    .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
-                let weak = Arc::downgrade(self);
-                let on_exit = Box::new(move |exit| {
-                    if let Some(shared) = Weak::upgrade(&weak) {
-                        shared.vmm_died(exit);
-                    }
-                });
-                log::info!("pod {sandbox_id}: starting a VM ({} vCPUs, {} MiB)", size.vcpus, size.memory_mib);
-                let sandbox = Sandbox::start(&self.config, &sandbox_id, size, on_exit)
-                    .map_err(|e| sandbox_error(&format!("starting the VM of pod {sandbox_id}"), e))?;
-                (Arc::new(sandbox), true)
-            }
-        };
-        if new_vm {
-            self.state().sandbox = Some(sandbox.clone());
-            self.watch_oom(sandbox.clone());
-        }
-
         let paths = IoPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -438,24 +414,25 @@ impl Shared {
             terminal: req.terminal,
         };
         let init = Process::new(id, "", paths, Vec::new());
-        let container_dir = sandbox.paths.container_dir(id);
-        let created = self.create_in_guest(&sandbox, &container_dir, req, &mut spec, &init);
-        if let Err(e) = created {
-            log::error!("creating container {id}: {e:?}");
-            init.release_io();
-            if let Err(cleanup) = sandbox::remove_dir(&container_dir) {
-                log::error!("container {id}: cleanup after failed create: {cleanup}");
+        let result = match sandbox {
+            Some(sandbox) => {
+                let container_dir = sandbox.paths.container_dir(id);
+                self.create_container(&sandbox, &container_dir, req, &mut spec, &init).inspect_err(|_| {
+                    init.release_io();
+                    if let Err(cleanup) = sandbox::remove_dir(&container_dir) {
+                        log::error!("container {id}: cleanup after failed create: {cleanup}");
+                    }
+                })
             }
-            if new_vm {
-                // The pod's first container failed: the VM has nothing to run.
+            None => self.create_pod(&sandbox_id, &annotations, req, &mut spec, &init).inspect_err(|_| {
+                init.release_io();
                 let mut state = self.state();
                 state.sandbox = None;
                 state.sandbox_id = None;
-                drop(state);
-                if let Err(cleanup) = sandbox.stop() {
-                    log::error!("pod {sandbox_id}: cleanup after failed create: {cleanup}");
-                }
-            }
+            }),
+        };
+        if let Err(e) = result {
+            log::error!("creating container {id}: {e:?}");
             return Err(e);
         }
 
@@ -481,9 +458,51 @@ impl Shared {
         Ok(CreateTaskResponse { pid: self.shim_pid, ..Default::default() })
     }
 
-    /// The part of `create` that leaves things behind on failure (the caller cleans up):
-    /// rootfs and bind mounts on the host, the container in the guest, its streams.
-    fn create_in_guest(
+    /// The pod's first container: its files are mounted first, then the VM boots and the
+    /// container is created in it. On failure everything goes (VM, mounts, directory).
+    fn create_pod(
+        self: &Arc<Self>,
+        sandbox_id: &str,
+        annotations: &HashMap<String, String>,
+        req: &CreateTaskRequest,
+        spec: &mut Value,
+        init: &Process,
+    ) -> RpcResult<()> {
+        let size =
+            self.config.vm_size(annotations).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let context = format!("starting the VM of pod {sandbox_id}");
+        let paths = Sandbox::prepare(&self.config, sandbox_id).map_err(|e| sandbox_error(&context, e))?;
+        let cleanup = |e: ttrpc::Error| {
+            if let Err(cleanup) = sandbox::remove_dir(&paths.dir) {
+                log::error!("pod {sandbox_id}: cleanup after failed create: {cleanup}");
+            }
+            e
+        };
+        self.share_files(&paths.container_dir(&req.id), req, spec).map_err(cleanup)?;
+        let weak = Arc::downgrade(self);
+        let on_exit = Box::new(move |exit| {
+            if let Some(shared) = Weak::upgrade(&weak) {
+                shared.vmm_died(exit);
+            }
+        });
+        log::info!("pod {sandbox_id}: starting a VM ({} vCPUs, {} MiB)", size.vcpus, size.memory_mib);
+        let sandbox = Sandbox::boot(&self.config, sandbox_id, size, paths.clone(), on_exit)
+            .map_err(|e| cleanup(sandbox_error(&context, e)))?;
+        let sandbox = Arc::new(sandbox);
+        if let Err(e) = self.create_in_guest(&sandbox, req, spec, init) {
+            // The pod's first container failed: the VM has nothing to run.
+            if let Err(cleanup) = sandbox.stop() {
+                log::error!("pod {sandbox_id}: cleanup after failed create: {cleanup}");
+            }
+            return Err(e);
+        }
+        self.state().sandbox = Some(sandbox.clone());
+        self.watch_oom(sandbox);
+        Ok(())
+    }
+
+    /// A further container of a running pod.
+    fn create_container(
         &self,
         sandbox: &Sandbox,
         container_dir: &Path,
@@ -491,6 +510,13 @@ impl Shared {
         spec: &mut Value,
         init: &Process,
     ) -> RpcResult<()> {
+        self.share_files(container_dir, req, spec)?;
+        self.create_in_guest(sandbox, req, spec, init)
+    }
+
+    /// Mounts the container's rootfs and the spec's host files under `container_dir` and
+    /// rewrites the spec to the guest's paths. The caller removes `container_dir` on failure.
+    fn share_files(&self, container_dir: &Path, req: &CreateTaskRequest, spec: &mut Value) -> RpcResult<()> {
         let id = req.id.as_str();
         let internal = |what: String| status(ttrpc::Code::INTERNAL, what);
         let rootfs = container_dir.join("rootfs");
@@ -504,7 +530,19 @@ impl Shared {
             let mount = MountSpec { kind: m.type_.clone(), source: m.source.clone(), options: m.options.clone() };
             mounts::mount(&mount, &rootfs).map_err(|e| internal(format!("mounting the rootfs: {e}")))?;
         }
-        share_spec(spec, id, container_dir).map_err(internal)?;
+        share_spec(spec, id, container_dir).map_err(internal)
+    }
+
+    /// Creates the container in the guest and attaches its standard streams.
+    fn create_in_guest(
+        &self,
+        sandbox: &Sandbox,
+        req: &CreateTaskRequest,
+        spec: &Value,
+        init: &Process,
+    ) -> RpcResult<()> {
+        let id = req.id.as_str();
+        let internal = |what: String| status(ttrpc::Code::INTERNAL, what);
         let spec_json = serde_json::to_vec(spec).map_err(|e| internal(format!("encoding the spec: {e}")))?;
         sandbox
             .agent()

@@ -5,6 +5,8 @@
 //! while the other core is busy), so deadlines here are generous: they catch a hung
 //! guest, they do not measure speed.
 
+pub mod containerd;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -14,7 +16,8 @@ use std::time::{Duration, Instant};
 /// How long a guest may take to boot and run a self-test before it counts as hung.
 pub const GUEST_DEADLINE: Duration = Duration::from_secs(600);
 
-fn workspace_root() -> PathBuf {
+/// The workspace's top folder.
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the workspace").to_path_buf()
 }
 

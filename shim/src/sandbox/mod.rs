@@ -158,15 +158,9 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Creates the sandbox directory, starts the VMM, and waits for the agent. On any
-    /// failure nothing is left: the VMM is killed and the directory removed.
-    /// `on_vmm_exit` runs when the VMM ends other than through [`Sandbox::stop`].
-    pub fn start(
-        config: &Config,
-        id: &str,
-        size: VmSize,
-        on_vmm_exit: Box<dyn FnOnce(ExitStatus) + Send>,
-    ) -> Result<Sandbox, SandboxError> {
+    /// Creates the sandbox's directory (and its shared directory), so containers' files
+    /// can be mounted there before the VM starts.
+    pub fn prepare(config: &Config, id: &str) -> Result<SandboxPaths, SandboxError> {
         let paths = SandboxPaths::new(&config.sandboxes_dir, id);
         if paths.dir.exists() {
             return Err(SandboxError::Exists { id: id.to_string(), path: paths.dir });
@@ -177,26 +171,23 @@ impl Sandbox {
         };
         std::fs::create_dir_all(&config.sandboxes_dir).map_err(dir_error(&config.sandboxes_dir))?;
         std::fs::create_dir(&paths.dir).map_err(dir_error(&paths.dir))?;
-        match Sandbox::boot(config, id, size, paths.clone(), on_vmm_exit) {
-            Ok(sandbox) => Ok(sandbox),
-            Err(e) => {
-                if let Err(cleanup) = remove_dir(&paths.dir) {
-                    log::error!("sandbox {id}: cleanup after failed start: {cleanup}");
-                }
-                Err(e)
-            }
+        if let Err(e) = std::fs::create_dir(&paths.shared) {
+            let _ = remove_dir(&paths.dir);
+            return Err(SandboxError::Dir { path: paths.shared.clone(), source: e });
         }
+        Ok(paths)
     }
 
-    fn boot(
+    /// Starts the VMM on a prepared directory and waits for the agent. On failure the VMM
+    /// is killed; the directory stays for the caller, who also owns what it mounted there.
+    /// `on_vmm_exit` runs when the VMM ends other than through [`Sandbox::stop`].
+    pub fn boot(
         config: &Config,
         id: &str,
         size: VmSize,
         paths: SandboxPaths,
         on_vmm_exit: Box<dyn FnOnce(ExitStatus) + Send>,
     ) -> Result<Sandbox, SandboxError> {
-        std::fs::create_dir(&paths.shared)
-            .map_err(|source| SandboxError::Dir { path: paths.shared.clone(), source })?;
         let spec = VmmSpec {
             binary: config.vmm.clone(),
             kernel: config.kernel.clone(),
@@ -232,7 +223,7 @@ impl Sandbox {
         log::info!("sandbox {id}: starting {:?}", spec.command());
         let vmm = Vmm::spawn(&spec, on_exit)?;
         console.follow(paths.console.clone(), id.to_string());
-        // From here on, a failure must kill the VMM (the caller removes the directory).
+        // From here on, a failure must kill the VMM.
         let fail = |vmm: &Vmm, stopping: &AtomicBool| {
             stopping.store(true, Ordering::Release);
             vmm.kill(Duration::from_secs(10));
