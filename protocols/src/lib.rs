@@ -5,6 +5,7 @@
 //!   [`agent_ttrpc::AgentService`] trait with [`agent_ttrpc::create_agent_service`] (guest),
 //!   served as ttrpc service `nestbox.agent.v1.AgentService` on vsock port [`AGENT_PORT`];
 //! - [`hybrid`]: the host side of Firecracker-style hybrid vsock (a Unix socket into the VMM);
+//! - [`stdio`]: the header that opens a process's standard stream on [`IO_PORT`];
 //! - [`vsock_test`]: the guest's vsock test services, for tests of the VMM's vsock device.
 //!
 //! The code is generated at build time by ttrpc-codegen (sync ttrpc API) from the .proto
@@ -16,10 +17,16 @@ pub use ttrpc;
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 
 pub mod hybrid;
+pub mod stdio;
 pub mod vsock_test;
 
 /// The guest vsock port the agent serves its ttrpc API on.
 pub const AGENT_PORT: u32 = 1024;
+
+/// The guest vsock port where the host opens processes' standard streams, one connection
+/// per stream (see [`stdio`]). Not in 1025-1028, the test services' ports
+/// ([`vsock_test`]), which a guest booted with `nestbox.vsock_test` also listens on.
+pub const IO_PORT: u32 = 1030;
 
 /// The ttrpc service name of the agent API (the method path is `/<service>/<Method>`).
 pub const AGENT_SERVICE: &str = "nestbox.agent.v1.AgentService";

@@ -8,6 +8,9 @@
 //! | [`SOURCE_PORT`] 1027 | reads one line `<N>\n`, sends `N` bytes of [`pattern_byte`] (offsets 0..N), closes |
 //! | [`CLOSE_PORT`] 1028 | closes every connection as soon as it is accepted (a guest-side close) |
 //!
+//! (The agent's own ports, 1024 for the API and 1030 for standard I/O, are outside this
+//! range.)
+//!
 //! And once ready the agent connects out to the host (CID 2) port [`HOST_PORT`] 1100 (the
 //! VMM forwards that to `<vsock.sock>_1100`), writes [`GREETING`], then echoes what the host
 //! sends until EOF: a guest-initiated connection.
