@@ -1,5 +1,11 @@
-//! Host mode: the agent as an ordinary process serving its API on a Unix socket, so the
-//! API (and later the container logic) can be tested without a VM.
+//! Host mode: the agent as an ordinary process serving its API on a Unix socket and its
+//! I/O port on another (`--io-listen`, by default the API socket's path plus `.io`), so the
+//! API and the container logic are tested without a VM.
+//!
+//! It behaves as PID 1 would where that matters: it is a child subreaper (orphans of its
+//! containers come back to it) with the same reaper, and it works in a mount namespace of
+//! its own so storage it mounts never shows up on the host. Containers' cgroups go below
+//! its own cgroup (see `cgroup`). At exit it removes its containers.
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
@@ -27,20 +33,60 @@ pub fn parse_listen(arg: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(path))
 }
 
-/// Serves until a Shutdown call (or SIGINT/SIGTERM), then removes the socket.
-pub fn run(socket: &Path) -> anyhow::Result<()> {
-    // Blocked before ttrpc starts its threads, which inherit the mask: the signals then
+/// The default I/O socket for an API socket path.
+pub fn default_io_socket(socket: &Path) -> PathBuf {
+    let mut path = socket.as_os_str().to_owned();
+    path.push(".io");
+    PathBuf::from(path)
+}
+
+/// Serves until a Shutdown call (or SIGINT/SIGTERM), then removes its containers and the
+/// sockets.
+pub fn run(socket: &Path, io_socket: &Path) -> anyhow::Result<()> {
+    // Blocked before any thread starts (they inherit the mask): SIGINT and SIGTERM then
     // wait for the signal thread below instead of killing the process mid-call and
-    // leaving the socket file behind.
+    // leaving the socket file behind, and SIGCHLD waits for the reaper.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
-    signals.thread_block().context("blocking SIGINT and SIGTERM")?;
+    let mut blocked = signals;
+    blocked.add(Signal::SIGCHLD);
+    blocked.thread_block().context("blocking SIGINT, SIGTERM and SIGCHLD")?;
+
+    // Single-threaded still, as unshare(CLONE_NEWNS) requires.
+    if let Err(e) = private_mounts() {
+        eprintln!("nestbox-agent: no mount namespace of its own ({e}): storage mounts would reach the host");
+    }
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        eprintln!("nestbox-agent: not a child subreaper: {}", io::Error::last_os_error());
+    }
+    let reaper = crate::reaper::Reaper::new();
+    let reaping = reaper.clone();
+    std::thread::Builder::new().name("reaper".into()).spawn(move || reaping.run()).context("starting the reaper")?;
 
     prepare_socket_path(socket)?;
+    prepare_socket_path(io_socket)?;
+    let io = crate::process::streams::IoHub::new();
+    io.serve_unix(io_socket).with_context(|| format!("listening on {}", io_socket.display()))?;
+    let env = crate::container::Env {
+        reaper,
+        io,
+        exe: crate::container::spawn::own_executable().context("opening the agent's own executable")?,
+        cgroups: crate::cgroup::Hierarchy::host().map_err(|e| e.to_string()),
+        oom: Default::default(),
+    };
+    if let Err(e) = &env.cgroups {
+        eprintln!("nestbox-agent: containers cannot be created: {e}");
+    }
+    let sandbox = crate::sandbox::Sandbox::new(env, false);
     let address = format!("unix://{}", socket.display());
-    let serving = crate::serve::start(&address, false)?;
-    println!("nestbox-agent {}: listening on {address} (host mode)", crate::VERSION);
+    let serving = crate::serve::start(&address, false, sandbox.clone())?;
+    println!(
+        "nestbox-agent {}: listening on {address} (host mode), I/O on unix://{}",
+        crate::VERSION,
+        io_socket.display()
+    );
 
     let shutdown = serving.shutdown_handle();
     std::thread::Builder::new()
@@ -54,12 +100,23 @@ pub fn run(socket: &Path) -> anyhow::Result<()> {
         .context("starting the signal thread")?;
 
     serving.wait_for_shutdown();
-    match std::fs::remove_file(socket) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", socket.display()))
+    sandbox.cleanup();
+    for path in [io_socket, socket] {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => {}
         }
-        _ => Ok(()),
     }
+    Ok(())
+}
+
+/// A mount namespace of the agent's own, receiving the host's mounts but sending none back.
+fn private_mounts() -> nix::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>)
 }
 
 /// Makes `socket` bindable: its directory must exist, and a socket file left by an agent

@@ -1,4 +1,5 @@
-//! The guest's init duties: file systems, console, readiness, reaping.
+//! The guest's init duties: file systems, console, readiness, reaping (the main thread is
+//! the reaper, see `reaper`), and serving the agent API and the I/O port.
 
 use anyhow::Context;
 use nix::errno::Errno;
@@ -12,12 +13,28 @@ use std::os::fd::AsRawFd;
 /// The kernel parameter that turns a boot into a self-test: ready, then reboot.
 pub const SELFTEST_PARAM: &str = "nestbox.selftest";
 
-/// (source, target, fstype, flags) of the mounts every guest needs.
-const BASE_MOUNTS: [(&str, &str, &str, MsFlags); 3] = [
-    ("proc", "/proc", "proc", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC)),
-    ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC)),
-    ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID),
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
+
+/// (source, target, fstype, flags, data, required) of the guest's mounts: /dev/pts for
+/// containers' terminals, cgroup2 (every controller, see `cgroup`) for their limits. Those
+/// two are not required: without them the API still serves and container calls say why.
+type BaseMount = (&'static str, &'static str, &'static str, MsFlags, Option<&'static str>, bool);
+const BASE_MOUNTS: [BaseMount; 5] = [
+    ("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, None, true),
+    ("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC, None, true),
+    ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None, true),
+    (
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        Some("mode=620,ptmxmode=666"),
+        false,
+    ),
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", NOSUID_NODEV_NOEXEC, None, false),
 ];
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 pub fn run() -> ! {
     // Before any thread exists: threads inherit the signal mask, so with SIGCHLD blocked
@@ -38,22 +55,43 @@ pub fn run() -> ! {
         println!("nestbox-agent: {SELFTEST_PARAM}: boot self-test passed, rebooting");
         reboot();
     }
-    if let Err(e) = serve(&cmdline) {
+    let reaper = crate::reaper::Reaper::new();
+    if let Err(e) = serve(&cmdline, reaper.clone()) {
         // An agent that cannot serve its API leaves the host waiting for nothing: end
         // the VM so the host sees it stop, as for a failed bring-up.
         eprintln!("nestbox-agent: fatal: {e:#}");
         reboot();
     }
-    reap_forever()
+    reaper.run()
 }
 
 /// Starts the agent API on vsock (and the vsock test services when asked for) on their
 /// own threads; a Shutdown call ends the VM from the "shutdown" thread. The main thread
 /// stays the reaper.
-fn serve(cmdline: &str) -> anyhow::Result<()> {
+fn serve(cmdline: &str, reaper: std::sync::Arc<crate::reaper::Reaper>) -> anyhow::Result<()> {
+    let io = crate::process::streams::IoHub::new();
+    io.serve_vsock(nestbox_protocols::IO_PORT)
+        .with_context(|| format!("listening on the I/O port (vsock {})", nestbox_protocols::IO_PORT))?;
+    let cgroups = crate::cgroup::Hierarchy::guest(std::path::Path::new(CGROUP_ROOT)).map_err(|e| e.to_string());
+    if let Err(e) = &cgroups {
+        // The API still answers (Check, Version, Shutdown); container creation reports this.
+        eprintln!("nestbox-agent: cgroups unavailable, containers cannot be created: {e}");
+    }
+    let env = crate::container::Env {
+        reaper,
+        io,
+        exe: crate::container::spawn::own_executable().context("opening the agent's own executable")?,
+        cgroups,
+        oom: Default::default(),
+    };
+    let sandbox = crate::sandbox::Sandbox::new(env, true);
     let address = format!("vsock://-1:{}", nestbox_protocols::AGENT_PORT);
-    let serving = crate::serve::start(&address, true)?;
-    println!("nestbox-agent: serving the agent API on vsock port {}", nestbox_protocols::AGENT_PORT);
+    let serving = crate::serve::start(&address, true, sandbox)?;
+    println!(
+        "nestbox-agent: serving the agent API on vsock port {}, standard I/O on port {}",
+        nestbox_protocols::AGENT_PORT,
+        nestbox_protocols::IO_PORT
+    );
     if cmdline.split_whitespace().any(|p| p == nestbox_protocols::vsock_test::PARAM) {
         // The API works without them: report and go on.
         if let Err(e) = crate::vsock_test::start() {
@@ -74,11 +112,17 @@ fn serve(cmdline: &str) -> anyhow::Result<()> {
 }
 
 fn bring_up() -> anyhow::Result<()> {
-    for (source, target, fstype, flags) in BASE_MOUNTS {
-        std::fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
-        match mount(Some(source), target, Some(fstype), flags, None::<&str>) {
-            Ok(()) | Err(Errno::EBUSY) => {}
-            Err(e) => return Err(e).with_context(|| format!("mounting {fstype} on {target}")),
+    for (source, target, fstype, flags, data, required) in BASE_MOUNTS {
+        let result = std::fs::create_dir_all(target).with_context(|| format!("creating {target}")).and_then(|()| {
+            match mount(Some(source), target, Some(fstype), flags, data) {
+                Ok(()) | Err(Errno::EBUSY) => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("mounting {fstype} on {target}")),
+            }
+        });
+        match result {
+            Err(e) if required => return Err(e),
+            Err(e) => eprintln!("nestbox-agent: {e:#}"),
+            Ok(()) => {}
         }
     }
     // The kernel gives init /dev/console only if the initramfs has the node; with

@@ -8,10 +8,22 @@
 //!
 //! On a host, `nestbox-agent --listen unix:///path/agent.sock` serves the same API on a
 //! Unix socket as an ordinary process, so the API is tested without a VM.
+//!
+//! Layout: `rpc` is the API surface; `sandbox` the pod and its containers; `container`
+//! turns OCI specs into isolated processes (with the re-executed `--container-helper`);
+//! `process` holds their standard I/O; `reaper` owns waitpid; `cgroup` and `oom` the
+//! limits and OOM events.
 
+mod cgroup;
+mod container;
+mod error;
 mod host;
 mod init;
+mod oom;
+mod process;
+mod reaper;
 mod rpc;
+mod sandbox;
 mod serve;
 mod vsock;
 mod vsock_test;
@@ -24,7 +36,10 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 const USAGE: &str = "\
 usage: nestbox-agent                                  (as PID 1 of a nestbox guest)
-       nestbox-agent --listen unix:///path/agent.sock (host mode: serve the API on a Unix socket)
+       nestbox-agent --listen unix:///path/agent.sock [--io-listen unix:///path/io.sock]
+                                                      (host mode: serve the API, and the standard
+                                                      I/O port, on Unix sockets; the I/O socket
+                                                      defaults to the API socket's path + .io)
        nestbox-agent --version";
 
 /// What the command line asks for (outside the guest: as PID 1 the arguments are the
@@ -33,7 +48,8 @@ usage: nestbox-agent                                  (as PID 1 of a nestbox gue
 enum Command {
     Version,
     Help,
-    Listen(PathBuf),
+    /// The API socket and the I/O socket.
+    Listen(PathBuf, PathBuf),
     /// No arguments: only PID 1 may do that.
     Init,
 }
@@ -41,30 +57,49 @@ enum Command {
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     let mut args = args.into_iter();
     let mut listen = None;
+    let mut io_listen = None;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("argument {a:?} is not UTF-8"))?;
-        let value = match arg.as_str() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        let slot = match flag.as_str() {
             "--version" | "-V" => return Ok(Command::Version),
             "--help" | "-h" => return Ok(Command::Help),
-            "--listen" => args
-                .next()
-                .ok_or("--listen needs a value: unix:///path/to/agent.sock")?
-                .into_string()
-                .map_err(|a| format!("--listen {a:?} is not UTF-8"))?,
-            _ => match arg.strip_prefix("--listen=") {
-                Some(value) => value.to_string(),
-                None => return Err(format!("unknown argument {arg:?}")),
-            },
+            "--listen" => &mut listen,
+            "--io-listen" => &mut io_listen,
+            _ => return Err(format!("unknown argument {arg:?}")),
         };
-        if listen.is_some() {
-            return Err("--listen given more than once".into());
+        let value = match inline {
+            Some(v) => v,
+            None => args
+                .next()
+                .ok_or(format!("{flag} needs a value: unix:///path/to/socket"))?
+                .into_string()
+                .map_err(|a| format!("{flag} {a:?} is not UTF-8"))?,
+        };
+        if slot.is_some() {
+            return Err(format!("{flag} given more than once"));
         }
-        listen = Some(host::parse_listen(&value)?);
+        *slot = Some(host::parse_listen(&value).map_err(|e| e.replacen("--listen", &flag, 1))?);
     }
-    Ok(listen.map_or(Command::Init, Command::Listen))
+    match (listen, io_listen) {
+        (Some(api), io) => {
+            let io = io.unwrap_or_else(|| host::default_io_socket(&api));
+            Ok(Command::Listen(api, io))
+        }
+        (None, Some(_)) => Err("--io-listen needs --listen".into()),
+        (None, None) => Ok(Command::Init),
+    }
 }
 
 fn main() -> ExitCode {
+    // The container helper (re-executed by the agent, see container::spawn) comes first:
+    // it is PID 1 of a new PID namespace, which must not make it think it is the guest's init.
+    if std::env::args_os().nth(1).is_some_and(|a| a == container::spawn::HELPER_ARG) {
+        container::helper::main();
+    }
     let is_init = std::process::id() == 1;
     // The kernel hands init the command-line words it does not know, which are not ours.
     let command = if is_init { Ok(Command::Init) } else { parse_args(std::env::args_os().skip(1)) };
@@ -77,7 +112,7 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             ExitCode::SUCCESS
         }
-        Ok(Command::Listen(socket)) => match host::run(&socket) {
+        Ok(Command::Listen(socket, io_socket)) => match host::run(&socket, &io_socket) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("nestbox-agent: error: {e:#}");
@@ -113,8 +148,14 @@ mod tests {
         assert_eq!(parse(&[]), Ok(Command::Init));
         assert_eq!(parse(&["--version"]), Ok(Command::Version));
         assert_eq!(parse(&["-h"]), Ok(Command::Help));
-        assert_eq!(parse(&["--listen", "unix:///a.sock"]), Ok(Command::Listen("/a.sock".into())));
-        assert_eq!(parse(&["--listen=unix:///a.sock"]), Ok(Command::Listen("/a.sock".into())));
+        assert_eq!(parse(&["--listen", "unix:///a.sock"]), Ok(Command::Listen("/a.sock".into(), "/a.sock.io".into())));
+        assert_eq!(parse(&["--listen=unix:///a.sock"]), Ok(Command::Listen("/a.sock".into(), "/a.sock.io".into())));
+        assert_eq!(
+            parse(&["--io-listen=unix:///io", "--listen", "unix:///a"]),
+            Ok(Command::Listen("/a".into(), "/io".into()))
+        );
+        assert!(parse(&["--io-listen=unix:///io"]).is_err_and(|e| e.contains("needs --listen")));
+        assert!(parse(&["--io-listen", "/io", "--listen=unix:///a"]).is_err_and(|e| e.starts_with("--io-listen")));
         assert!(parse(&["--listen"]).is_err_and(|e| e.contains("needs a value")));
         assert!(parse(&["--listen", "/a.sock"]).is_err_and(|e| e.contains("expected unix://")));
         assert!(parse(&["--listen=unix:///a", "--listen=unix:///b"]).is_err_and(|e| e.contains("more than once")));

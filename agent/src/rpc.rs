@@ -1,26 +1,31 @@
-//! The agent API's surface: one method per RPC of `nestbox.agent.v1.AgentService`.
-//!
-//! For now the agent answers Check, Version and Shutdown; every container, sandbox and
-//! network call answers ttrpc status UNIMPLEMENTED naming the method, so a shim can tell
-//! "not there yet" from a failure.
+//! The agent API's surface: one method per RPC of `nestbox.agent.v1.AgentService`, each a
+//! thin mapping onto the sandbox and its containers (`sandbox`, `container`), with errors
+//! as ttrpc status codes (`error`). The network calls answer UNIMPLEMENTED naming the
+//! method, so a shim can tell "not there yet" from a failure.
 
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use nestbox_protocols::agent::{self, check_response::ServingStatus};
 use nestbox_protocols::agent_ttrpc::AgentService;
 use nestbox_protocols::ttrpc::{self, TtrpcContext};
 use nestbox_protocols::types::{self, Empty};
 
+use crate::error::AgentError;
+use crate::sandbox::Sandbox;
+
 pub struct AgentRpc {
     /// Running as the guest's init (PID 1) rather than in host mode.
     init_daemon: bool,
     /// Tells whoever owns the server to stop it and end the agent (see `serve`).
     shutdown: Sender<()>,
+    sandbox: Arc<Sandbox>,
 }
 
 impl AgentRpc {
-    pub fn new(init_daemon: bool, shutdown: Sender<()>) -> Self {
-        Self { init_daemon, shutdown }
+    pub fn new(init_daemon: bool, shutdown: Sender<()>, sandbox: Arc<Sandbox>) -> Self {
+        Self { init_daemon, shutdown, sandbox }
     }
 }
 
@@ -35,6 +40,10 @@ pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+fn empty(r: Result<(), AgentError>) -> ttrpc::Result<Empty> {
+    r.map(|()| Empty::new()).map_err(Into::into)
 }
 
 impl AgentService for AgentRpc {
@@ -60,80 +69,102 @@ impl AgentService for AgentRpc {
         Ok(Empty::new())
     }
 
-    fn create_sandbox(&self, _ctx: &TtrpcContext, _req: agent::CreateSandboxRequest) -> ttrpc::Result<Empty> {
-        not_implemented("CreateSandbox")
+    fn create_sandbox(&self, _ctx: &TtrpcContext, req: agent::CreateSandboxRequest) -> ttrpc::Result<Empty> {
+        empty(self.sandbox.create_sandbox(&req))
     }
 
     fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: agent::DestroySandboxRequest) -> ttrpc::Result<Empty> {
-        not_implemented("DestroySandbox")
+        empty(self.sandbox.destroy_sandbox())
     }
 
-    fn create_container(&self, _ctx: &TtrpcContext, _req: agent::CreateContainerRequest) -> ttrpc::Result<Empty> {
-        not_implemented("CreateContainer")
+    fn create_container(&self, _ctx: &TtrpcContext, req: agent::CreateContainerRequest) -> ttrpc::Result<Empty> {
+        empty(self.sandbox.create_container(&req))
     }
 
     fn start_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::StartContainerRequest,
+        req: agent::StartContainerRequest,
     ) -> ttrpc::Result<agent::StartContainerResponse> {
-        not_implemented("StartContainer")
+        let pid = self.sandbox.container(&req.container_id)?.start(&self.sandbox.env)?;
+        Ok(agent::StartContainerResponse { pid, ..Default::default() })
     }
 
     fn exec_process(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::ExecProcessRequest,
+        req: agent::ExecProcessRequest,
     ) -> ttrpc::Result<agent::ExecProcessResponse> {
-        not_implemented("ExecProcess")
+        let container = self.sandbox.container(&req.container_id)?;
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let pid = container.exec(&self.sandbox.env, &req.exec_id, &req.oci_process_json, &stdio)?;
+        Ok(agent::ExecProcessResponse { pid, ..Default::default() })
     }
 
-    fn signal_process(&self, _ctx: &TtrpcContext, _req: agent::SignalProcessRequest) -> ttrpc::Result<Empty> {
-        not_implemented("SignalProcess")
+    fn signal_process(&self, _ctx: &TtrpcContext, req: agent::SignalProcessRequest) -> ttrpc::Result<Empty> {
+        let container = self.sandbox.container(&req.container_id)?;
+        empty(container.signal(&self.sandbox.env, &req.exec_id, req.signal, req.all))
     }
 
     fn wait_process(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::WaitProcessRequest,
+        req: agent::WaitProcessRequest,
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
-        not_implemented("WaitProcess")
+        let exit = self.sandbox.container(&req.container_id)?.wait(&req.exec_id)?;
+        let at = exit.at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Ok(agent::WaitProcessResponse {
+            exit_status: exit.status,
+            exited_at_unix_nanos: i64::try_from(at.as_nanos()).unwrap_or(i64::MAX),
+            ..Default::default()
+        })
     }
 
-    fn remove_container(&self, _ctx: &TtrpcContext, _req: agent::RemoveContainerRequest) -> ttrpc::Result<Empty> {
-        not_implemented("RemoveContainer")
+    fn remove_container(&self, _ctx: &TtrpcContext, req: agent::RemoveContainerRequest) -> ttrpc::Result<Empty> {
+        let timeout = (req.timeout_secs > 0).then(|| Duration::from_secs(req.timeout_secs.into()));
+        empty(self.sandbox.remove_container(&req.container_id, timeout))
     }
 
-    fn update_container(&self, _ctx: &TtrpcContext, _req: agent::UpdateContainerRequest) -> ttrpc::Result<Empty> {
-        not_implemented("UpdateContainer")
+    fn update_container(&self, _ctx: &TtrpcContext, req: agent::UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        empty(self.sandbox.container(&req.container_id)?.update(&req.oci_resources_json))
     }
 
     fn stats_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::StatsContainerRequest,
+        req: agent::StatsContainerRequest,
     ) -> ttrpc::Result<agent::StatsContainerResponse> {
-        not_implemented("StatsContainer")
+        let stats = self.sandbox.container(&req.container_id)?.stats();
+        Ok(agent::StatsContainerResponse { cgroup_stats: Some(stats).into(), ..Default::default() })
     }
 
-    fn pause_container(&self, _ctx: &TtrpcContext, _req: agent::PauseContainerRequest) -> ttrpc::Result<Empty> {
-        not_implemented("PauseContainer")
+    fn pause_container(&self, _ctx: &TtrpcContext, req: agent::PauseContainerRequest) -> ttrpc::Result<Empty> {
+        empty(self.sandbox.container(&req.container_id)?.set_paused(true))
     }
 
-    fn resume_container(&self, _ctx: &TtrpcContext, _req: agent::ResumeContainerRequest) -> ttrpc::Result<Empty> {
-        not_implemented("ResumeContainer")
+    fn resume_container(&self, _ctx: &TtrpcContext, req: agent::ResumeContainerRequest) -> ttrpc::Result<Empty> {
+        empty(self.sandbox.container(&req.container_id)?.set_paused(false))
     }
 
-    fn tty_win_resize(&self, _ctx: &TtrpcContext, _req: agent::TtyWinResizeRequest) -> ttrpc::Result<Empty> {
-        not_implemented("TtyWinResize")
+    fn tty_win_resize(&self, _ctx: &TtrpcContext, req: agent::TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+        let process = self.sandbox.container(&req.container_id)?.process(&req.exec_id)?;
+        let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+        let name = format!("process {:?} of container {}", req.exec_id, req.container_id);
+        process
+            .io
+            .resize(&name, clamp(req.rows), clamp(req.columns))
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+        Ok(Empty::new())
     }
 
-    fn close_stdin(&self, _ctx: &TtrpcContext, _req: agent::CloseStdinRequest) -> ttrpc::Result<Empty> {
-        not_implemented("CloseStdin")
+    fn close_stdin(&self, _ctx: &TtrpcContext, req: agent::CloseStdinRequest) -> ttrpc::Result<Empty> {
+        self.sandbox.container(&req.container_id)?.process(&req.exec_id)?.io.close_stdin();
+        Ok(Empty::new())
     }
 
     fn get_oom_event(&self, _ctx: &TtrpcContext, _req: agent::GetOOMEventRequest) -> ttrpc::Result<agent::OOMEvent> {
-        not_implemented("GetOOMEvent")
+        let container_id = self.sandbox.env.oom.next();
+        Ok(agent::OOMEvent { container_id, ..Default::default() })
     }
 
     fn update_interface(

@@ -10,6 +10,7 @@ use nestbox_protocols::agent_ttrpc::create_agent_service;
 use nestbox_protocols::ttrpc;
 
 use crate::rpc::AgentRpc;
+use crate::sandbox::Sandbox;
 
 /// How long a shutdown waits for the server to finish the calls in flight (the Shutdown
 /// call's own answer among them) before the agent ends anyway: a call blocked for good
@@ -25,9 +26,9 @@ pub struct Serving {
 
 /// Starts serving the API on `address` (`vsock://-1:1024`, `unix:///path`) on ttrpc's
 /// threads and returns at once.
-pub fn start(address: &str, init_daemon: bool) -> anyhow::Result<Serving> {
+pub fn start(address: &str, init_daemon: bool, sandbox: Arc<Sandbox>) -> anyhow::Result<Serving> {
     let (shutdown_tx, shutdown_rx) = mpsc::channel();
-    let service = create_agent_service(Arc::new(AgentRpc::new(init_daemon, shutdown_tx.clone())));
+    let service = create_agent_service(Arc::new(AgentRpc::new(init_daemon, shutdown_tx.clone(), sandbox)));
     let mut server = ttrpc::Server::new()
         .bind(address)
         .with_context(|| format!("binding the agent API to {address}"))?

@@ -1,6 +1,7 @@
 //! AF_VSOCK stream sockets for the guest side: a listener and a stream with std-like
 //! `Read`/`Write`, just what the agent's own vsock services need. (The agent API's
-//! listener is ttrpc's own; these serve the test services and outgoing connections.)
+//! listener is ttrpc's own; these serve the I/O port, the test services and outgoing
+//! connections.)
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -30,9 +31,14 @@ impl VsockListener {
     }
 
     pub fn accept(&self) -> io::Result<VsockStream> {
+        Ok(VsockStream { fd: self.accept_fd()? })
+    }
+
+    /// Accepts a connection as a plain descriptor (read and written as a file).
+    pub fn accept_fd(&self) -> io::Result<OwnedFd> {
         let raw = socket::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
         // SAFETY: accept4 just returned this descriptor; nothing else owns it.
-        Ok(VsockStream { fd: unsafe { OwnedFd::from_raw_fd(raw) } })
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 }
 

@@ -1,0 +1,233 @@
+//! Starting a container process: the agent clones a child into the container's new
+//! namespaces and the child at once re-executes the agent binary as the *helper*
+//! (`nestbox-agent --container-helper`, see `helper`), which sets the container up and
+//! finally executes the container's program. The helper talks to the agent over a
+//! control socket (fd 3): the agent sends a [`HelperConfig`], the helper answers
+//! [`Report::Ready`] once everything but the final exec is done, waits for the start byte,
+//! and executes the program; the socket is close-on-exec, so EOF tells the agent the exec
+//! succeeded and a [`Report::Failed`] tells it why not.
+//!
+//! Why a re-exec rather than running the setup in the forked child: the agent is
+//! multi-threaded (ttrpc, I/O copies), and after fork only async-signal-safe calls are
+//! sound in the child (another thread may have held the allocator's or stdio's lock at the
+//! fork). The child here only moves descriptors and calls execveat(2); the helper then
+//! runs as a fresh single-threaded process where the setup code (allocation, mount,
+//! setns into a mount namespace, which a multi-threaded process cannot do) is safe. runc
+//! (`runc init`) and Kata's agent do the same.
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use oci_spec::runtime::{LinuxSeccomp, Process, Spec};
+use serde::{Deserialize, Serialize};
+
+use crate::reaper::{ExitCell, Reaper};
+
+/// The argument that makes the agent binary run as a container helper.
+pub const HELPER_ARG: &str = "--container-helper";
+
+/// Descriptor numbers in the helper.
+pub const CONTROL_FD: RawFd = 3;
+/// The container's init process as a pidfd, for an exec to join its namespaces.
+pub const PIDFD_FD: RawFd = 4;
+
+/// The largest control message accepted (a spec is a few KiB; this bounds a bad peer).
+const MAX_MESSAGE: u32 = 16 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Mode {
+    /// A new container: the whole spec (rootfs, mounts, hostname, ...).
+    Create { spec: Box<Spec> },
+    /// A process joining a running container's namespaces (through the pidfd on
+    /// [`PIDFD_FD`]); `namespaces` are the clone flags to join besides the PID one,
+    /// which the agent joined before cloning.
+    Exec { namespaces: i32 },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HelperConfig {
+    pub container_id: String,
+    pub mode: Mode,
+    pub process: Process,
+    pub seccomp: Option<LinuxSeccomp>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Report {
+    Ready,
+    Failed(String),
+}
+
+/// Writes one length-prefixed JSON message.
+pub fn send<T: Serialize>(w: &mut impl Write, message: &T) -> io::Result<()> {
+    let body = serde_json::to_vec(message).map_err(io::Error::other)?;
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("control message too large"))?;
+    let mut frame = len.to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)
+}
+
+/// Reads one length-prefixed JSON message; `Ok(None)` at EOF before a message.
+pub fn recv<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        other => other?,
+    }
+    let len = u32::from_le_bytes(len);
+    if len > MAX_MESSAGE {
+        return Err(io::Error::other(format!("control message of {len} bytes is too large")));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    serde_json::from_slice(&body).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The descriptors the helper gets: stdio (0, 1, 2), the control socket (3), and for an
+/// exec the container's pidfd (4).
+pub struct ChildFds<'a> {
+    pub stdio: [RawFd; 3],
+    pub control: &'a OwnedFd,
+    pub pidfd: Option<&'a OwnedFd>,
+}
+
+/// Clones a child with `clone_flags` (namespaces) and executes the helper in it; the child
+/// is registered with the reaper before it can exit. With `join_pid_ns`, the child is
+/// created in that process's PID namespace: the clone runs on a short-lived thread that
+/// joined it first (setns on a PID namespace only affects the caller's future children,
+/// and only that thread's).
+pub fn spawn_helper(
+    reaper: &Reaper,
+    exe: &OwnedFd,
+    clone_flags: libc::c_int,
+    fds: &ChildFds<'_>,
+    join_pid_ns: Option<&OwnedFd>,
+) -> io::Result<(i32, Arc<ExitCell>)> {
+    let sources =
+        [fds.stdio[0], fds.stdio[1], fds.stdio[2], fds.control.as_raw_fd(), fds.pidfd.map_or(-1, |f| f.as_raw_fd())];
+    let exe = exe.as_raw_fd();
+    match join_pid_ns {
+        None => reaper.spawn(|| clone_exec(clone_flags, &sources, exe)),
+        Some(pidfd) => std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on this thread only; the pidfd is a valid open descriptor.
+                if unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                reaper.spawn(|| clone_exec(clone_flags, &sources, exe))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
+        }),
+    }
+}
+
+/// Clones the child and has it execute the helper; returns the child's PID.
+fn clone_exec(clone_flags: libc::c_int, sources: &[RawFd; 5], exe: RawFd) -> io::Result<i32> {
+    // Everything the child needs is prepared here, before the clone.
+    let argv0 = CString::new("nestbox-agent").map_err(io::Error::other)?;
+    let argv1 = CString::new(HELPER_ARG).map_err(io::Error::other)?;
+    let empty = CString::default();
+    let argv = [argv0.as_ptr(), argv1.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    // SAFETY: a fork-like clone (no CLONE_VM: the child gets a copy of the address space
+    // and runs on its copy of this stack). The child only calls the async-signal-safe
+    // fcntl, dup2, execveat and _exit with data prepared above.
+    let pid = unsafe {
+        libc::syscall(libc::SYS_clone, (clone_flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
+    };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        // SAFETY: in the child of the clone above, with pointers into its copy of memory.
+        0 => unsafe { exec_child(sources, exe, empty.as_ptr(), &argv, &envp) },
+        pid => Ok(pid as i32),
+    }
+}
+
+/// In the cloned child: descriptors into place, then the helper. Never returns.
+///
+/// # Safety
+/// Only in the child of a fork-like clone; all pointers valid (they point into the
+/// parent's memory, copied into the child).
+unsafe fn exec_child(
+    sources: &[RawFd; 5],
+    exe: RawFd,
+    empty: *const libc::c_char,
+    argv: &[*const libc::c_char; 3],
+    envp: &[*const libc::c_char; 1],
+) -> ! {
+    // First out of the way (>= 10), so that placing one descriptor never overwrites
+    // another that is still to be placed, nor the executable's.
+    let exe = libc::fcntl(exe, libc::F_DUPFD_CLOEXEC, 10);
+    if exe < 0 {
+        libc::_exit(126);
+    }
+    let mut moved = [-1; 5];
+    for (i, &fd) in sources.iter().enumerate() {
+        if fd >= 0 {
+            moved[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+            if moved[i] < 0 {
+                libc::_exit(126);
+            }
+        }
+    }
+    for (target, &fd) in moved.iter().enumerate() {
+        // dup2 clears close-on-exec on the target: exactly these reach the helper.
+        if fd >= 0 && libc::dup2(fd, target as RawFd) < 0 {
+            libc::_exit(126);
+        }
+    }
+    libc::syscall(libc::SYS_execveat, exe, empty, argv.as_ptr(), envp.as_ptr(), libc::AT_EMPTY_PATH);
+    libc::_exit(127)
+}
+
+/// Opens the running agent's own executable, to re-execute it as the helper even from
+/// inside another mount namespace where its path does not exist.
+pub fn own_executable() -> io::Result<OwnedFd> {
+    let path = CString::new("/proc/self/exe").map_err(io::Error::other)?;
+    // SAFETY: open(2) with a valid NUL-terminated path.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A pidfd for `pid` (which must be a child not yet reaped, see `Reaper::hold`).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open has no memory arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A connected pair of close-on-exec stream sockets (agent end, helper end).
+pub fn control_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    Ok(socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_eof_is_none() {
+        let mut buf = Vec::new();
+        send(&mut buf, &Report::Failed("no such file".into())).expect("send");
+        send(&mut buf, &Report::Ready).expect("send");
+        let mut r = &buf[..];
+        assert!(matches!(recv::<Report>(&mut r), Ok(Some(Report::Failed(m))) if m == "no such file"));
+        assert!(matches!(recv::<Report>(&mut r), Ok(Some(Report::Ready))));
+        assert!(matches!(recv::<Report>(&mut r), Ok(None)));
+        let huge = (MAX_MESSAGE + 1).to_le_bytes();
+        assert!(recv::<Report>(&mut &huge[..]).is_err());
+        assert!(recv::<Report>(&mut &[2, 0, 0, 0, b'{', b'x'][..]).is_err());
+    }
+}
