@@ -6,12 +6,16 @@
 //! [`vstate`] holds the KVM objects, [`arch`] the x86_64 boot details and [`devices`]
 //! the emulated hardware.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod machine;
+pub mod snapshot;
 pub mod vstate;
 
-pub use builder::{build_and_start, RunOptions, Vmm};
+pub use builder::{build_and_start, restore_and_start, RunOptions};
 pub use config::VmConfig;
+pub use machine::Vmm;
 pub use vstate::vcpu::VmExit;

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use nestbox_vmm::arch::x86_64::cpuid::CpuTemplate;
 use nestbox_vmm::config::{self, FileConfig, VmConfig};
-use nestbox_vmm::{build_and_start, RunOptions, VmExit};
+use nestbox_vmm::{build_and_start, restore_and_start, snapshot, RunOptions, VmExit};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -62,6 +62,16 @@ struct Cli {
     /// The virtio-fs tag, 1 to 36 bytes. [default: nestbox]
     #[arg(long, value_name = "TAG")]
     fs_tag: Option<String>,
+    /// Serve the control API on this Unix socket: one request line per connection
+    /// (`pause`, `resume`, `snapshot DIR`, `shutdown`), answered `OK` or `ERROR reason`.
+    /// A snapshot ends the VMM once written.
+    #[arg(long, value_name = "PATH", verbatim_doc_comment)]
+    api_socket: Option<PathBuf>,
+    /// Start from the snapshot in DIR instead of booting: vCPUs and memory come from the
+    /// snapshot; devices (vsock socket, shared directory) from the other settings, and
+    /// must be the same kinds as when it was taken.
+    #[arg(long, value_name = "DIR", verbatim_doc_comment)]
+    restore: Option<PathBuf>,
     /// Print CLOCK_MONOTONIC timestamps of start-up milestones to stderr.
     #[arg(long)]
     boot_timestamps: bool,
@@ -91,15 +101,24 @@ fn run(cli: Cli) -> anyhow::Result<VmExit> {
         None => FileConfig::default(),
     };
     let host_memory = config::host_memory_mib().context("reading the host's memory size")?;
-    let config = VmConfig::build(file.merge(cli.settings()), host_memory)?;
-    let vmm = build_and_start(&config, RunOptions { boot_timestamps: cli.boot_timestamps })?;
+    let mut settings = file.merge(cli.settings());
+    let options = RunOptions { boot_timestamps: cli.boot_timestamps, api_socket: cli.api_socket.clone() };
+    let vmm = match &cli.restore {
+        None => build_and_start(&VmConfig::build(settings, host_memory)?, options)?,
+        Some(dir) => {
+            let state = snapshot::read_state(dir)?;
+            settings.vcpus.get_or_insert(state.vcpus.len().try_into().unwrap_or(u8::MAX));
+            settings.memory_mib.get_or_insert(state.memory_mib);
+            restore_and_start(&VmConfig::build(settings, host_memory)?, dir, state, options)?
+        }
+    };
     Ok(vmm.wait())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(VmExit::Reset) | Ok(VmExit::PowerOff) => ExitCode::SUCCESS,
+        Ok(VmExit::Reset) | Ok(VmExit::PowerOff) | Ok(VmExit::Stopped) => ExitCode::SUCCESS,
         Ok(VmExit::TripleFault { vcpu }) => {
             eprintln!("nestbox-vmm: error: the guest crashed (triple fault on vCPU {vcpu})");
             ExitCode::FAILURE

@@ -2,10 +2,13 @@
 
 use crate::arch::x86_64::{cpuid, regs};
 use crate::devices::bus::Bus;
+use crate::snapshot::state::VcpuState;
+use kvm_bindings::{kvm_msr_entry, CpuId as KvmCpuId};
 use kvm_bindings::{CpuId, Msrs, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
+use vmm_sys_util::signal::Killable;
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +17,8 @@ pub enum VmExit {
     Reset,
     /// The guest powered off through a KVM shutdown event: a clean end.
     PowerOff,
+    /// The VMM was asked to stop (shutdown request, or after a snapshot).
+    Stopped,
     /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN): the guest crashed.
     TripleFault { vcpu: u8 },
     /// KVM could not run the guest.
@@ -33,6 +38,49 @@ pub enum VcpuError {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+}
+
+/// What the VMM asks of a running vCPU thread. The thread sees a command after its next
+/// exit from KVM_RUN; [`VcpuHandle::kick`] forces one.
+pub enum VcpuCommand {
+    /// Stop running the guest and report on the pause channel; wait for more commands.
+    Pause,
+    Resume,
+    /// Save the (paused) vCPU's state, reading these MSRs.
+    Save {
+        msrs: Vec<u32>,
+        reply: Sender<Result<VcpuState, String>>,
+    },
+}
+
+/// The VMM's end of a vCPU thread.
+pub struct VcpuHandle {
+    pub index: u8,
+    thread: JoinHandle<()>,
+    commands: Sender<VcpuCommand>,
+}
+
+impl VcpuHandle {
+    pub fn send(&self, command: VcpuCommand) -> bool {
+        self.commands.send(command).is_ok()
+    }
+
+    /// Interrupts KVM_RUN on the vCPU's thread (the signal's handler does nothing; the
+    /// interrupted KVM_RUN returns EINTR and the thread looks at its commands).
+    pub fn kick(&self) {
+        let _ = self.thread.kill(vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET);
+    }
+}
+
+/// The vCPU kick signal: SIGRTMIN + this.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of the kick signal; once per process, before vCPUs run.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET, ignore_signal)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
 impl Vcpu {
@@ -85,30 +133,62 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on its own thread until the guest stops; the reason goes to `exits`.
-    /// `on_first_run` is called just before the first KVM_RUN.
+    /// `on_first_run` is called just before the first KVM_RUN; `paused` hears the vCPU's
+    /// index whenever it has paused.
     pub fn start(
         mut self,
         pio: Bus,
         mmio: Bus,
-        exits: Sender<VmExit>,
+        exits: Sender<crate::machine::VmEvent>,
+        paused: Sender<u8>,
         on_first_run: Option<Box<dyn FnOnce() + Send>>,
-    ) -> Result<JoinHandle<()>, VcpuError> {
+    ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
+        let (commands, inbox) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 if let Some(hook) = on_first_run {
                     hook();
                 }
-                let exit = self.run(&pio, &mmio);
+                let exit = self.run(&pio, &mmio, &inbox, &paused);
                 // The receiver only goes away when the VMM is already stopping.
-                let _ = exits.send(exit);
+                let _ = exits.send(crate::machine::VmEvent::Exit(exit));
             })
-            .map_err(|source| VcpuError::Thread { index, source })
+            .map_err(|source| VcpuError::Thread { index, source })?;
+        Ok(VcpuHandle { index, thread, commands })
     }
 
-    fn run(&mut self, pio: &Bus, mmio: &Bus) -> VmExit {
+    /// Handles commands that arrived; returns false when the VMM has gone away.
+    fn obey(&mut self, inbox: &Receiver<VcpuCommand>, paused: &Sender<u8>) -> bool {
+        let mut command = match inbox.try_recv() {
+            Ok(c) => c,
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Disconnected) => return false,
+        };
         loop {
+            match command {
+                VcpuCommand::Resume => return true,
+                VcpuCommand::Pause => {
+                    let _ = paused.send(self.index);
+                }
+                VcpuCommand::Save { msrs, reply } => {
+                    let _ = reply.send(self.save_state(&msrs));
+                }
+            }
+            // Paused: wait for the next command without running the guest.
+            command = match inbox.recv() {
+                Ok(c) => c,
+                Err(_) => return false,
+            };
+        }
+    }
+
+    fn run(&mut self, pio: &Bus, mmio: &Bus, inbox: &Receiver<VcpuCommand>, paused: &Sender<u8>) -> VmExit {
+        loop {
+            if !self.obey(inbox, paused) {
+                return VmExit::Error(format!("vCPU {}: the VMM stopped listening", self.index));
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => pio.read(u64::from(port), data),
                 Ok(VcpuExit::IoOut(port, data)) => pio.write(u64::from(port), data),
@@ -135,6 +215,63 @@ impl Vcpu {
                 Err(e) => return VmExit::Error(format!("vCPU {}: KVM_RUN: {e}", self.index)),
             }
         }
+    }
+
+    /// Reads everything KVM holds for this (paused) vCPU.
+    fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, String> {
+        let e = |what: &str| {
+            let index = self.index;
+            let what = what.to_string();
+            move |err: kvm_ioctls::Error| format!("vCPU {index}: {what}: {err}")
+        };
+        let mut msrs = Msrs::from_entries(
+            &msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect::<Vec<_>>(),
+        )
+        .map_err(|err| format!("vCPU {}: MSR list: {err:?}", self.index))?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(e("KVM_GET_MSRS"))?;
+        if read != msr_indices.len() {
+            return Err(format!("vCPU {}: KVM_GET_MSRS read {read} of {} MSRs", self.index, msr_indices.len()));
+        }
+        Ok(VcpuState {
+            // Events first: reading them does not change them, but they must be consistent
+            // with the registers KVM reports next.
+            events: self.fd.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: self.fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?,
+            regs: self.fd.get_regs().map_err(e("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+            xsave: self.fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?,
+            xcrs: self.fd.get_xcrs().map_err(e("KVM_GET_XCRS"))?,
+            debugregs: self.fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?,
+            lapic: self.fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?,
+            msrs: msrs.as_slice().to_vec(),
+        })
+    }
+
+    /// Puts a saved vCPU state back, on a new vCPU whose CPUID is `cpuid`.
+    pub fn restore(&self, cpuid: &KvmCpuId, state: &VcpuState) -> Result<(), VcpuError> {
+        let index = self.index;
+        let kvm = |what| move |source| VcpuError::Kvm { index, what, source };
+        // CPUID first: KVM checks the other state against the features it allows.
+        self.fd.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        self.fd.set_mp_state(state.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
+        self.fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
+        self.fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        // SAFETY: KVM reads its xsave buffer size for this VM from `state.xsave`; that is
+        // the legacy 4096 bytes, the size of kvm_xsave, because this VMM never requests
+        // guest permission for dynamically enabled xfeatures (AMX), the only way it grows.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        self.fd.set_xcrs(&state.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        self.fd.set_debug_regs(&state.debugregs).map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        self.fd.set_lapic(&state.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        let msrs =
+            Msrs::from_entries(&state.msrs).map_err(|_| VcpuError::Msrs { index, set: 0, total: state.msrs.len() })?;
+        let set = self.fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        if set != state.msrs.len() {
+            return Err(VcpuError::Msrs { index, set, total: state.msrs.len() });
+        }
+        // Pending interrupts and exceptions last, on top of the registers they belong to.
+        self.fd.set_vcpu_events(&state.events).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
     }
 
     /// KVM_EXIT_INTERNAL_ERROR with what KVM reports: for an emulation failure

@@ -6,7 +6,7 @@ use kvm_bindings::kvm_cpuid_entry2;
 use std::path::Path;
 
 /// Which features to hide from the guest beyond the normalisation every guest gets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuTemplate {
     /// `pvm` where the host's KVM is software-nested (kvm_pvm), otherwise `none`.

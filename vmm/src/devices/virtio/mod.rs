@@ -127,6 +127,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError>;
     /// Stops the device's work after a driver reset, so it can be activated again.
     fn reset(&mut self);
+    /// Called before a device restored from a snapshot is activated: connections and
+    /// sessions the guest had are gone, which some devices must tell the guest.
+    fn restored(&mut self) {}
 }
 
 /// Copies the part of `config` that `offset`/`data` cover; the rest of `data` is zero.

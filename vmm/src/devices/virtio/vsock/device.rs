@@ -25,6 +25,8 @@ pub struct VsockDevice {
     uds_path: PathBuf,
     listener: UnixListener,
     worker: Option<DeviceThread>,
+    /// Restored from a snapshot: the guest must be told its connections are gone.
+    announce_reset: bool,
 }
 
 impl VsockDevice {
@@ -46,7 +48,7 @@ impl VsockDevice {
             }
             Err(e) => return Err(bind_err(e)),
         };
-        Ok(VsockDevice { guest_cid, uds_path: uds_path.to_path_buf(), listener, worker: None })
+        Ok(VsockDevice { guest_cid, uds_path: uds_path.to_path_buf(), listener, worker: None, announce_reset: false })
     }
 
     pub fn uds_path(&self) -> &Path {
@@ -80,6 +82,7 @@ impl VirtioDevice for VsockDevice {
         self.worker = None;
         let listener = self.listener.try_clone().map_err(ActivateError::Setup)?;
         let (guest_cid, uds_path) = (self.guest_cid, self.uds_path.clone());
+        let announce_reset = std::mem::take(&mut self.announce_reset);
         self.worker = Some(DeviceThread::spawn("vsock", move |stop| {
             let muxer = Muxer::new(
                 guest_cid,
@@ -91,9 +94,13 @@ impl VirtioDevice for VsockDevice {
                 active.interrupt,
                 stop,
             )?;
-            Ok(move || muxer.run())
+            Ok(move || muxer.run(announce_reset))
         })?);
         Ok(())
+    }
+
+    fn restored(&mut self) {
+        self.announce_reset = true;
     }
 
     fn reset(&mut self) {

@@ -19,6 +19,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+/// How long host connections wait for the guest to handle a transport reset.
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the guest has to answer our SHUTDOWN with RST before we drop the connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest `CONNECT <port>\n` line we wait for.
@@ -66,6 +68,10 @@ pub struct Muxer {
     rx_ready_set: HashSet<ConnKey>,
     next_local_port: u32,
     logged_errors: u32,
+    /// After a transport reset, host connections wait (in the listener's backlog) until
+    /// the guest has handled the reset, or this deadline: a connection accepted earlier
+    /// would be reset along with the old ones.
+    reset_pending_until: Option<Instant>,
 }
 
 impl Muxer {
@@ -106,12 +112,17 @@ impl Muxer {
             rx_ready_set: HashSet::new(),
             next_local_port: FIRST_LOCAL_PORT,
             logged_errors: 0,
+            reset_pending_until: None,
         })
     }
 
-    /// Runs until the stop eventfd is signalled.
-    pub fn run(mut self) {
+    /// Runs until the stop eventfd is signalled. `announce_reset`: the device was restored
+    /// from a snapshot, and the guest is first told that its connections are gone.
+    pub fn run(mut self, announce_reset: bool) {
         let mut events = vec![EpollEvent::default(); 64];
+        if announce_reset {
+            self.send_transport_reset();
+        }
         // Buffers the guest may have queued before we started.
         self.process_tx();
         self.fill_rx();
@@ -142,8 +153,10 @@ impl Muxer {
                         tx_kicked = true;
                     }
                     TOKEN_EVENT => {
-                        // Event buffers are only used for transport resets after a restore.
+                        // Event buffers are only used for transport resets after a restore;
+                        // the guest gives the buffer back once it has handled the reset.
                         let _ = self.queue_events[EVENT_QUEUE].read();
+                        self.end_reset_wait();
                     }
                     TOKEN_LISTENER => self.accept_host_connections(),
                     token => self.on_host_socket(token.saturating_sub(TOKEN_FD_BASE) as RawFd, event.event_set()),
@@ -152,8 +165,37 @@ impl Muxer {
             if tx_kicked {
                 self.process_tx();
             }
+            if self.reset_pending_until.is_some_and(|d| d <= Instant::now()) {
+                self.end_reset_wait();
+            }
             self.expire_closing();
             self.fill_rx();
+        }
+    }
+
+    /// Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue: the guest resets
+    /// every connection (the host ends of them did not survive the snapshot) and keeps
+    /// its listening sockets.
+    fn send_transport_reset(&mut self) {
+        const TRANSPORT_RESET: u32 = 0;
+        let memory = self.memory.clone();
+        let Some(mut chain) = self.queues[EVENT_QUEUE].pop_descriptor_chain(&memory) else {
+            self.log_guest_error(format_args!("no event buffer for the transport reset"));
+            return;
+        };
+        let head = chain.head_index();
+        let written = match chain.next() {
+            Some(desc) if desc.is_write_only() && desc.len() >= 4 => {
+                memory.write_obj(TRANSPORT_RESET.to_le(), desc.addr()).map(|()| 4).unwrap_or(0)
+            }
+            _ => 0,
+        };
+        let _ = self.queues[EVENT_QUEUE].add_used(&memory, head, written);
+        self.notify_guest(EVENT_QUEUE);
+        if written > 0
+            && self.epoll.ctl(ControlOperation::Delete, self.listener.as_raw_fd(), EpollEvent::default()).is_ok()
+        {
+            self.reset_pending_until = Some(Instant::now() + RESET_ACK_TIMEOUT);
         }
     }
 
@@ -171,7 +213,18 @@ impl Muxer {
                 State::Closing { deadline } => Some(deadline),
                 _ => None,
             })
+            .chain(self.reset_pending_until)
             .min()
+    }
+
+    /// Host connections are accepted again (they waited in the listener's backlog).
+    fn end_reset_wait(&mut self) {
+        if self.reset_pending_until.take().is_some() {
+            let listener = EpollEvent::new(EventSet::IN, TOKEN_LISTENER);
+            if let Err(e) = self.epoll.ctl(ControlOperation::Add, self.listener.as_raw_fd(), listener) {
+                self.log_guest_error(format_args!("cannot listen for host connections again: {e}"));
+            }
+        }
     }
 
     fn expire_closing(&mut self) {

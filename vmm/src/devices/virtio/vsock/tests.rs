@@ -122,6 +122,7 @@ struct Guest {
     mem: GuestMemoryMmap,
     rx: DriverQueue,
     tx: DriverQueue,
+    ev: DriverQueue,
     events: Vec<EventFd>,
     stop: EventFd,
     worker: Option<JoinHandle<()>>,
@@ -137,13 +138,24 @@ const RX_BUF_DATA: u32 = 4096;
 
 impl Guest {
     fn start(name: &str) -> Guest {
+        Guest::start_with(name, false)
+    }
+
+    /// A guest whose device was restored from a snapshot: the muxer announces a
+    /// transport reset first. The guest has posted one event buffer.
+    fn start_restored(name: &str) -> Guest {
+        Guest::start_with(name, true)
+    }
+
+    fn start_with(name: &str, restored: bool) -> Guest {
         let uds = std::env::temp_dir().join(format!("nestbox-mux-{}-{name}.sock", std::process::id()));
         let _ = std::fs::remove_file(&uds);
         let listener = UnixListener::bind(&uds).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let rx = DriverQueue::new(0x1_0000);
         let tx = DriverQueue::new(0x2_0000);
-        let ev = DriverQueue::new(0x3_0000);
+        let mut ev = DriverQueue::new(0x3_0000);
+        ev.add(&mem, &[(0x4_0000, 8, true)]);
         let events: Vec<EventFd> = (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
         let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let muxer = Muxer::new(
@@ -157,11 +169,12 @@ impl Guest {
             stop.try_clone().unwrap(),
         )
         .unwrap();
-        let worker = Some(std::thread::spawn(move || muxer.run()));
+        let worker = Some(std::thread::spawn(move || muxer.run(restored)));
         let mut guest = Guest {
             mem,
             rx,
             tx,
+            ev,
             events,
             stop,
             worker,
@@ -554,4 +567,30 @@ mod fuzz {
             prop_assert_eq!(read_line(&mut host), format!("OK {}\n", req.src_port));
         }
     }
+}
+
+#[test]
+fn restored_device_announces_a_reset_and_holds_host_connections_until_the_guest_handled_it() {
+    let mut g = Guest::start_restored("reset");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let used = loop {
+        let used = g.ev.take_used(&g.mem);
+        if !used.is_empty() || Instant::now() > deadline {
+            break used;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(used, vec![(0, 4)], "one 4-byte event");
+    let id: u32 = g.mem.read_obj(GuestAddress(0x4_0000)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+
+    // A host client connecting now waits: the guest has not handled the reset yet.
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    g.expect_nothing();
+    // The guest gives the event buffer back: the connection goes through.
+    g.ev.add(&g.mem, &[(0x4_0000, 8, true)]);
+    g.events[super::EVENT_QUEUE].write(1).unwrap();
+    let (req, _) = g.recv();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1024));
 }
