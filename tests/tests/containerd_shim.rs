@@ -11,6 +11,9 @@
 
 use nestbox_tests::containerd::{Containerd, BUSYBOX, QUICK, RUNTIME};
 use nestbox_tests::{host_kernel_release, Finished, GUEST_DEADLINE};
+
+/// One call into a running guest: an exec costs ~1 min here while another guest boots.
+const IN_GUEST: Duration = Duration::from_secs(300);
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -55,7 +58,7 @@ fn run_with_input(cmd: &mut Command, input: &[u8], deadline: Duration) -> Finish
 
 /// Polls `ctr task ls` until `id` shows `status`.
 fn wait_for_status(c: &Containerd, id: &str, status: &str) {
-    let deadline = Instant::now() + QUICK;
+    let deadline = Instant::now() + IN_GUEST;
     loop {
         let ls = c.ok(&["task", "ls"], QUICK);
         if ls.stdout.lines().any(|l| l.split_whitespace().next() == Some(id) && l.contains(status)) {
@@ -67,7 +70,7 @@ fn wait_for_status(c: &Containerd, id: &str, status: &str) {
 }
 
 #[test]
-#[ignore = "being verified: run with --ignored"]
+#[ignore = "not yet passed in full on this loaded machine (in-guest calls took over a minute); run with --ignored"]
 fn containers_run_in_their_own_vms() {
     // Two guests boot at once here in three to four minutes (longer while other tests run):
     // a timeout that catches a hung guest, not a slow one.
@@ -150,14 +153,14 @@ fn containers_run_in_their_own_vms() {
     // exec: output, stderr and exit code.
     let exec = c.run(
         &["task", "exec", "--exec-id", "e1", "long", "sh", "-c", "echo exec-out; echo exec-err >&2; exit 5"],
-        QUICK,
+        IN_GUEST,
     );
     assert_eq!(exec.status.code(), Some(5), "{exec:?}");
     assert!(exec.stdout.contains("exec-out") && exec.stderr.contains("exec-err"), "{exec:?}");
 
     // exec with stdin piped in.
     let stdin =
-        run_with_input(&mut c.ctr(&["task", "exec", "--exec-id", "e2", "long", "wc", "-l"]), b"a\nb\nc\n", QUICK);
+        run_with_input(&mut c.ctr(&["task", "exec", "--exec-id", "e2", "long", "wc", "-l"]), b"a\nb\nc\n", IN_GUEST);
     assert!(stdin.status.success() && stdin.stdout.trim() == "3", "{stdin:?}");
 
     // exec on a terminal (ctr needs a terminal of its own for -t: script gives it one).
@@ -166,22 +169,22 @@ fn containers_run_in_their_own_vms() {
         c.socket.display(),
         c.namespace
     );
-    let tty = nestbox_tests::run_with_deadline(Command::new("script").args(["-qec", &ctr_line, "/dev/null"]), QUICK);
+    let tty = nestbox_tests::run_with_deadline(Command::new("script").args(["-qec", &ctr_line, "/dev/null"]), IN_GUEST);
     assert!(tty.stdout.contains("/dev/pts/") && tty.stdout.contains("tty-ok"), "{tty:?}");
 
     // ps lists the container's processes (guest PIDs).
-    let ps = c.ok(&["task", "ps", "long"], QUICK);
+    let ps = c.ok(&["task", "ps", "long"], IN_GUEST);
     let pids: Vec<u32> = ps.stdout.lines().skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
     assert!(!pids.is_empty() && pids.iter().all(|p| *p > 0), "{ps:?}");
 
     // pause and resume.
-    c.ok(&["task", "pause", "long"], QUICK);
+    c.ok(&["task", "pause", "long"], IN_GUEST);
     wait_for_status(&c, "long", "PAUSED");
-    c.ok(&["task", "resume", "long"], QUICK);
+    c.ok(&["task", "resume", "long"], IN_GUEST);
     wait_for_status(&c, "long", "RUNNING");
 
     // metrics: the guest's cgroup figures.
-    let metrics = c.ok(&["task", "metrics", "long"], QUICK);
+    let metrics = c.ok(&["task", "metrics", "long"], IN_GUEST);
     assert!(metrics.stdout.contains("memory") || metrics.stdout.contains("pids"), "{metrics:?}");
 
     victim.join().expect("victim container started");
@@ -193,16 +196,16 @@ fn containers_run_in_their_own_vms() {
     // SAFETY: kill(2) on the victim's VMM, whose PID the shim recorded; no memory involved.
     assert_eq!(unsafe { libc::kill(vmm_pid, libc::SIGKILL) }, 0);
     wait_for_status(&c, "victim", "STOPPED");
-    let deleted = c.run(&["task", "delete", "victim"], QUICK);
+    let deleted = c.run(&["task", "delete", "victim"], IN_GUEST);
     assert_eq!(deleted.status.code(), Some(255), "{deleted:?}");
     assert!(!victim_dir.exists(), "the dead VM's sandbox was not cleaned up");
 
     // kill with a signal: the container's trap turns SIGTERM into exit code 42.
-    c.ok(&["task", "kill", "--signal", "SIGTERM", "long"], QUICK);
+    c.ok(&["task", "kill", "--signal", "SIGTERM", "long"], IN_GUEST);
     wait_for_status(&c, "long", "STOPPED");
-    let deleted = c.run(&["task", "delete", "long"], QUICK);
+    let deleted = c.run(&["task", "delete", "long"], IN_GUEST);
     assert_eq!(deleted.status.code(), Some(42), "{deleted:?}");
-    c.ok(&["containers", "rm", "long", "victim"], QUICK);
+    c.ok(&["containers", "rm", "long", "victim"], IN_GUEST);
 
     c.assert_clean();
     let _ = events.kill();
