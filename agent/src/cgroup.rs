@@ -170,14 +170,29 @@ fn mkdir(path: &Path) -> Result<()> {
     }
 }
 
-/// Enables every available controller for the children of the v2 cgroup `dir`.
+/// Enables every available controller for the children of the v2 cgroup `dir`, one at a
+/// time: a controller the kernel refuses (say cpu while a real-time task runs elsewhere)
+/// must not keep the others off. Only a directory that cannot be written at all is an error.
 fn enable_controllers(dir: &Path) -> Result<()> {
     let available = read(&dir.join("cgroup.controllers"))?;
-    let wanted: Vec<String> = available.split_whitespace().map(|c| format!("+{c}")).collect();
-    if wanted.is_empty() {
-        return Ok(());
+    let control = dir.join("cgroup.subtree_control");
+    let mut refused = Vec::new();
+    for controller in available.split_whitespace() {
+        if let Err(e) = fs::write(&control, format!("+{controller}")) {
+            refused.push(format!("{controller} ({e})"));
+        }
     }
-    write(&dir.join("cgroup.subtree_control"), &wanted.join(" "))
+    if !refused.is_empty() && refused.len() == available.split_whitespace().count() {
+        return Err(CgroupError::Io {
+            op: "enabling controllers in",
+            path: control,
+            source: io::Error::other(refused.join(", ")),
+        });
+    }
+    for r in refused {
+        eprintln!("nestbox-agent: cgroup controller {r} not enabled in {}", dir.display());
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<String> {

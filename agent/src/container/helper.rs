@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::unistd::{Gid, Uid};
-use oci_spec::runtime::{LinuxNamespaceType, PosixRlimit, PosixRlimitType, Process};
+use oci_spec::runtime::{LinuxNamespaceType, PosixRlimit, PosixRlimitType, Process, Spec};
 
 use super::spawn::{self, HelperConfig, Mode, Report, CONTROL_FD, PIDFD_FD};
 use super::{caps, mounts, seccomp};
@@ -48,12 +48,19 @@ fn run(control: &mut File) -> Result<std::convert::Infallible> {
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let config: HelperConfig =
         spawn::recv(control).context("reading the configuration")?.ok_or_else(|| anyhow!("agent went away"))?;
-    let process = &config.process;
+    let spec: Spec = serde_json::from_str(&config.spec_json).context("parsing the spec")?;
+    let process: Process = match &config.process_json {
+        Some(json) => serde_json::from_str(json).context("parsing the process")?,
+        None => spec.process().clone().ok_or_else(|| anyhow!("the spec has no process"))?,
+    };
+    let process = &process;
     let no_new_privs = process.no_new_privileges().unwrap_or(false);
-    let filter = config.seccomp.as_ref().map(seccomp::compile).transpose()?;
+    let seccomp_profile = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref());
+    let filter = seccomp_profile.map(seccomp::compile).transpose()?;
 
     match &config.mode {
-        Mode::Create { spec } => {
+        Mode::Create => {
+            let spec = &spec;
             let linux = spec.linux().as_ref();
             let namespaces = linux.and_then(|l| l.namespaces().as_ref());
             for ns in namespaces.into_iter().flatten() {

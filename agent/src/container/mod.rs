@@ -78,7 +78,8 @@ pub struct Container {
     /// The namespaces (clone flags) an exec joins besides the PID one.
     join_flags: i32,
     has_pid_ns: bool,
-    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    /// The spec as received: an exec's helper reads the seccomp profile from it.
+    spec_json: String,
     /// The helper's control socket until StartContainer.
     control: Mutex<Option<File>>,
     started: Mutex<bool>,
@@ -161,8 +162,10 @@ struct LaunchSpec<'a> {
     container_id: &'a str,
     exec_id: &'a str,
     mode: Mode,
-    process: OciProcess,
-    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    spec_json: &'a str,
+    /// For an exec: its process.
+    process_json: Option<&'a str>,
+    console: Option<(u16, u16)>,
     stdio: &'a Stdio,
     clone_flags: i32,
     /// For an exec: the container's init, whose namespaces are joined...
@@ -175,7 +178,7 @@ struct LaunchSpec<'a> {
 /// reports ready (or why not: then it is killed and reaped before this returns).
 fn launch(env: &Env, cgroup: &Cgroup, spec: LaunchSpec<'_>) -> Result<Launched, AgentError> {
     let (child_io, agent_io) =
-        process::prepare(spec.stdio, console_size(&spec.process)).map_err(|e| AgentError::Internal(e.to_string()))?;
+        process::prepare(spec.stdio, spec.console).map_err(|e| AgentError::Internal(e.to_string()))?;
     let (control, helper_end) = spawn::control_pair().map_err(|e| AgentError::internal("control socket", e))?;
     let fds = ChildFds { stdio: child_io.raw(), control: &helper_end, pidfd: spec.join };
     let join_pid_ns = spec.join.filter(|_| spec.join_pid_ns);
@@ -198,8 +201,8 @@ fn launch(env: &Env, cgroup: &Cgroup, spec: LaunchSpec<'_>) -> Result<Launched, 
     let config = HelperConfig {
         container_id: spec.container_id.to_string(),
         mode: spec.mode,
-        process: spec.process,
-        seccomp: spec.seccomp,
+        spec_json: spec.spec_json.to_string(),
+        process_json: spec.process_json.map(str::to_string),
     };
     if let Err(e) = spawn::send(&mut control, &config) {
         return Err(fail(helper_gone(&process, e)));
@@ -253,7 +256,9 @@ impl Container {
     pub fn create(env: &Env, req: &CreateContainerRequest) -> Result<Container, AgentError> {
         let id = req.container_id.as_str();
         validate_id("container id", id).map_err(invalid)?;
-        let spec: Spec = serde_json::from_slice(&req.oci_spec_json)
+        let spec_json = std::str::from_utf8(&req.oci_spec_json)
+            .map_err(|e| invalid(format!("container {id}: invalid OCI spec JSON: {e}")))?;
+        let spec: Spec = serde_json::from_str(spec_json)
             .map_err(|e| invalid(format!("container {id}: invalid OCI spec JSON: {e}")))?;
         let process = spec.process().clone().ok_or_else(|| invalid("the spec has no process"))?;
         let stdio = req.stdio.clone().unwrap_or_default();
@@ -267,8 +272,7 @@ impl Container {
         }
         let (clone_flags, has_pid_ns) = namespace_flags(&spec)?;
         let linux = spec.linux().as_ref();
-        let seccomp = linux.and_then(|l| l.seccomp().clone());
-        if let Some(profile) = &seccomp {
+        if let Some(profile) = linux.and_then(|l| l.seccomp().as_ref()) {
             seccomp::compile(profile).map_err(|e| invalid(e.to_string()))?;
         }
         let hierarchy = env.cgroups.as_ref().map_err(|e| AgentError::FailedPrecondition(e.clone()))?;
@@ -328,9 +332,10 @@ impl Container {
             LaunchSpec {
                 container_id: id,
                 exec_id: "",
-                mode: Mode::Create { spec: Box::new(spec.clone()) },
-                process,
-                seccomp: seccomp.clone(),
+                mode: Mode::Create,
+                spec_json,
+                process_json: None,
+                console: console_size(&process),
                 stdio: &stdio,
                 clone_flags,
                 join: None,
@@ -352,7 +357,7 @@ impl Container {
             init_pidfd: pidfd,
             join_flags,
             has_pid_ns,
-            seccomp,
+            spec_json: spec_json.to_string(),
             control: Mutex::new(Some(launched.control)),
             started: Mutex::new(false),
             paused: Mutex::new(false),
@@ -404,7 +409,9 @@ impl Container {
                 )))
             }
         }
-        let process: OciProcess = serde_json::from_slice(process_json)
+        let process_json = std::str::from_utf8(process_json)
+            .map_err(|e| invalid(format!("exec {exec_id}: invalid OCI process JSON: {e}")))?;
+        let process: OciProcess = serde_json::from_str(process_json)
             .map_err(|e| invalid(format!("exec {exec_id}: invalid OCI process JSON: {e}")))?;
         check_process(&process, stdio)?;
         {
@@ -421,8 +428,9 @@ impl Container {
                 container_id: &self.id,
                 exec_id,
                 mode: Mode::Exec { namespaces: self.join_flags },
-                process,
-                seccomp: self.seccomp.clone(),
+                spec_json: &self.spec_json,
+                process_json: Some(process_json),
+                console: console_size(&process),
                 stdio,
                 clone_flags: 0,
                 join: Some(&self.init_pidfd),

@@ -20,7 +20,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use oci_spec::runtime::{LinuxSeccomp, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::reaper::{ExitCell, Reaper};
@@ -39,19 +38,24 @@ const MAX_MESSAGE: u32 = 16 << 20;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Mode {
     /// A new container: the whole spec (rootfs, mounts, hostname, ...).
-    Create { spec: Box<Spec> },
+    Create,
     /// A process joining a running container's namespaces (through the pidfd on
     /// [`PIDFD_FD`]); `namespaces` are the clone flags to join besides the PID one,
     /// which the agent joined before cloning.
     Exec { namespaces: i32 },
 }
 
+/// What the helper is told. The OCI documents travel as the JSON the agent received (the
+/// helper parses them itself): re-serialising oci-spec's types would only add code to the
+/// agent binary, which every guest boot pays for.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HelperConfig {
     pub container_id: String,
     pub mode: Mode,
-    pub process: Process,
-    pub seccomp: Option<LinuxSeccomp>,
+    /// The container's spec (its process, mounts, seccomp profile, ...).
+    pub spec_json: String,
+    /// For an exec: the process to run instead of the spec's.
+    pub process_json: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
