@@ -60,7 +60,7 @@ fn main() {
     test_initramfs(&guest_binary("guest-fs-check"), &initramfs);
     let console = base.join("console.log");
     let mut vm = vmm_command(Some(&initramfs))
-        .args(["--vcpus", "2", "--memory-mib", "512", "--cmdline", "fscheck.bench"])
+        .args(["--vcpus", "1", "--memory-mib", "512", "--cmdline", "fscheck.bench"])
         .arg("--shared-dir")
         .arg(&shared)
         .arg("--console")

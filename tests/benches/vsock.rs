@@ -91,7 +91,7 @@ fn main() {
     // The guest.
     let uds = dir.join("vsock.sock");
     let mut vm = vmm_command(None)
-        .args(["--vcpus", "2", "--memory-mib", "256", "--cmdline", vsock_test::PARAM, "--console", "/dev/null"])
+        .args(["--vcpus", "1", "--memory-mib", "256", "--cmdline", vsock_test::PARAM, "--console", "/dev/null"])
         .arg("--vsock-socket")
         .arg(&uds)
         .spawn()
