@@ -759,3 +759,51 @@ fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
     let after: HashSet<i32> = agent.children().into_iter().collect();
     assert!(after.is_subset(&before), "children left: {:?}", after.difference(&before).collect::<Vec<_>>());
 }
+
+#[test]
+fn every_exit_status_arrives_once_and_orphans_are_reaped() {
+    root_only!();
+    let agent = Agent::start();
+    let rootfs = agent.rootfs("rootfs");
+    // No PID namespace: what a process leaves behind is re-parented to the agent (a
+    // subreaper in host mode, PID 1 in a guest), which must reap it.
+    let mut spec = agent.spec(&rootfs, &["sleep", "1000"]);
+    spec["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "uts"}, {"type": "ipc"}]);
+    agent.create("c", &spec, Stdio::default()).expect("create");
+    agent.start_container("c").expect("start");
+
+    // Many short processes at once, each with its own exit code, each leaving an orphan.
+    std::thread::scope(|s| {
+        for i in 0..16u32 {
+            let agent = &agent;
+            s.spawn(move || {
+                let exec_id = format!("e{i}");
+                let script = format!("sleep 0.3 & exit {}", i + 1);
+                let process = json!({"args": ["sh", "-c", script], "cwd": "/", "user": {"uid": 0, "gid": 0}});
+                agent.exec("c", &exec_id, &process, Stdio::default()).expect("exec");
+                assert_eq!(agent.wait("c", &exec_id).expect("wait"), i + 1, "{exec_id}");
+            });
+        }
+    });
+    // The orphans end after 0.3 s and nothing of them stays: no zombie among the agent's
+    // children, only the container's init.
+    let start = Instant::now();
+    loop {
+        let zombies: Vec<i32> = agent
+            .children()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            })
+            .collect();
+        let children = agent.children();
+        if zombies.is_empty() && children.len() == 1 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "children {children:?}, zombies {zombies:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.remove("c").expect("remove");
+    assert!(agent.children().is_empty(), "children left: {:?}", agent.children());
+}
