@@ -1,7 +1,7 @@
 //! Containers in a real guest: the agent as PID 1 runs busybox containers whose rootfs the
 //! host shares over virtio-fs, with the guest's cgroup v2 (the host-mode tests on this
 //! project's machines can only use cgroup v1 controllers). One boot, then: output, exit
-//! code, PID namespace and hostname; an exec; a memory limit that OOM-kills, seen through
+//! code, PID namespace and hostname; a terminal; an exec; a memory limit that OOM-kills, seen through
 //! memory.events as an OOM event; pause/resume with cgroup.freeze; statistics from cgroup v2.
 //!
 //! Each busybox command costs seconds in this project's emulated guests: the checks are few.
@@ -53,7 +53,7 @@ fn rootfs(shared: &Path, id: &str) {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "hostname", "dd", "sleep", "cat"] {
+    for applet in ["sh", "echo", "hostname", "dd", "sleep", "cat", "stty"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
 }
@@ -90,7 +90,7 @@ fn containers_in_a_real_guest() {
     let dir = std::env::temp_dir().join(format!("nestbox-test-containers-{}", std::process::id()));
     let shared = dir.join("shared");
     std::fs::create_dir_all(&shared).unwrap();
-    for id in ["c1", "oom", "busy"] {
+    for id in ["c1", "tty", "oom", "busy"] {
         rootfs(&shared, id);
     }
     let uds = dir.join("vsock.sock");
@@ -159,6 +159,22 @@ fn containers_in_a_real_guest() {
     assert_eq!(out.join().unwrap(), "pid=1\nc1\n");
     remove("c1");
     eprintln!("c1: create, run, remove in {:?}", t.elapsed());
+
+    // A terminal (the guest's devpts) with the spec's size.
+    let t = Instant::now();
+    let mut tty_spec: String = String::from_utf8(spec("tty", &["stty", "size"], None)).unwrap();
+    tty_spec = tty_spec.replacen(
+        r#""process": {"#,
+        r#""process": {"terminal": true, "consoleSize": {"height": 30, "width": 90}, "#,
+        1,
+    );
+    create("tty", tty_spec.into_bytes(), Stdio { terminal: true, ..Default::default() });
+    let out = read_all(stream(StreamKind::Tty, "tty", ""));
+    start_container("tty");
+    assert_eq!(wait("tty", ""), 0);
+    assert_eq!(out.join().unwrap(), "30 90\r\n");
+    remove("tty");
+    eprintln!("tty: {:?}", t.elapsed());
 
     // A memory limit (cgroup v2 memory.max) kills; memory.events reports it.
     let t = Instant::now();
