@@ -95,7 +95,7 @@ fn containers_in_a_real_guest() {
     }
     let uds = dir.join("vsock.sock");
     let child = vmm_command(None)
-        .args(["--vcpus", "2", "--memory-mib", "256"])
+        .args(["--vcpus", "1", "--memory-mib", "256"])
         .arg("--vsock-socket")
         .arg(&uds)
         .arg("--shared-dir")

@@ -84,7 +84,7 @@ fn virtiofs_in_a_real_guest() {
     let console = base.join("console.log");
 
     let mut child = vmm_command(Some(&initramfs))
-        .args(["--vcpus", "2", "--memory-mib", "256"])
+        .args(["--vcpus", "1", "--memory-mib", "256"])
         .arg("--shared-dir")
         .arg(&shared)
         .arg("--console")

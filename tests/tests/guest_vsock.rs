@@ -82,7 +82,7 @@ fn agent_api_and_vsock_in_a_real_guest() {
     let guest_conns = UnixListener::bind(socket_for_port(&uds, vsock_test::HOST_PORT)).unwrap();
 
     let child = vmm_command(None)
-        .args(["--vcpus", "2", "--memory-mib", "256", "--cmdline", vsock_test::PARAM])
+        .args(["--vcpus", "1", "--memory-mib", "256", "--cmdline", vsock_test::PARAM])
         .arg("--vsock-socket")
         .arg(&uds)
         .arg("--console")
