@@ -99,7 +99,9 @@ fn virtiofs_in_a_real_guest() {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("VMM exited early ({status:?}); console:\n{}", read_console());
         }
-        assert!(start.elapsed() < GUEST_DEADLINE, "guest never reached its checks; console:\n{}", read_console());
+        // Boot plus the first checks: twice the boot deadline (the checks are hundreds of
+        // emulated FUSE round trips on a software-nested host).
+        assert!(start.elapsed() < 2 * GUEST_DEADLINE, "guest never reached its checks; console:\n{}", read_console());
         std::thread::sleep(Duration::from_millis(200));
     }
     std::fs::write(shared.join("late"), "late\n").unwrap();
@@ -111,7 +113,7 @@ fn virtiofs_in_a_real_guest() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if start.elapsed() > GUEST_DEADLINE {
+        if start.elapsed() > 3 * GUEST_DEADLINE {
             let _ = child.kill();
             panic!("guest did not finish; console:\n{}", read_console());
         }
@@ -142,7 +144,7 @@ fn virtiofs_in_a_real_guest() {
     assert_eq!(std::fs::read(shared.join("after")).unwrap(), b"moved");
     assert_eq!(get_xattr(&shared.join("xattr"), "user.nestbox"), b"guest");
     assert_eq!(&std::fs::read(shared.join("mapped")).unwrap()[4096..4104], b"via mmap");
-    assert_eq!(std::fs::read_dir(shared.join("small")).unwrap().count(), 300);
+    assert_eq!(std::fs::read_dir(shared.join("small")).unwrap().count(), 150);
     assert!(std::fs::symlink_metadata(shared.join("fifo")).unwrap().file_type().is_fifo());
     assert!(!shared.join("devmem").exists(), "the guest created a device node on the host");
     assert_eq!(std::fs::read_link(shared.join("link-rel")).unwrap(), Path::new("hostfile"));

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 const MNT: &str = "/mnt";
 const TAG: &str = "nestbox";
+/// Files the many-small-files check creates (each costs several emulated FUSE round trips).
+const SMALL_FILES: usize = 150;
 
 fn cstr(s: &str) -> CString {
     CString::new(s).expect("no NUL in paths")
@@ -225,11 +227,11 @@ fn main() {
     });
     c.check("many-small-files", || {
         fs::create_dir(m("small")).map_err(err("mkdir"))?;
-        for i in 0..300 {
+        for i in 0..SMALL_FILES {
             fs::write(format!("{MNT}/small/f{i}"), i.to_string()).map_err(err("create"))?;
         }
         let n = fs::read_dir(m("small")).map_err(err("readdir"))?.count();
-        ensure(n == 300, format!("{n} files"))
+        ensure(n == SMALL_FILES, format!("{n} files"))
     });
     c.check("fifo-allowed-device-node-refused", || {
         // SAFETY: valid C strings.
