@@ -6,7 +6,7 @@ use crate::builder::lock;
 use crate::devices::legacy::SerialConsole;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::snapshot::{self, state::MicrovmState};
-use crate::vstate::vcpu::{VcpuCommand, VcpuHandle, VmExit};
+use crate::vstate::vcpu::{SaveError, VcpuCommand, VcpuHandle, VmExit};
 use crate::vstate::vm;
 use kvm_ioctls::{Kvm, VmFd};
 use std::path::{Path, PathBuf};
@@ -156,7 +156,8 @@ impl Vmm {
             vcpu.send(VcpuCommand::Save { msrs: msrs.clone(), reply });
             let state = answer
                 .recv_timeout(PAUSE_TIMEOUT)
-                .map_err(|_| format!("vCPU {} did not save its state", vcpu.index))??;
+                .map_err(|_| format!("vCPU {} did not save its state", vcpu.index))?
+                .map_err(|e| e.to_string())?;
             vcpus.push(state);
         }
         let state = MicrovmState {
@@ -183,18 +184,9 @@ impl Vmm {
             first.send(VcpuCommand::Save { msrs: indices.clone(), reply });
             match answer.recv_timeout(PAUSE_TIMEOUT) {
                 Ok(Ok(_)) => return Ok(indices),
-                Ok(Err(e)) => {
-                    // "read N of M": drop the N-th, which KVM could not read.
-                    let read = e
-                        .split("read ")
-                        .nth(1)
-                        .and_then(|r| r.split_whitespace().next())
-                        .and_then(|n| n.parse::<usize>().ok());
-                    match read {
-                        Some(n) if n < indices.len() => drop(indices.remove(n)),
-                        _ => return Err(e),
-                    }
-                }
+                // KVM could not read the MSR at `read`: drop it and try the rest.
+                Ok(Err(SaveError::Msrs { read, .. })) if read < indices.len() => drop(indices.remove(read)),
+                Ok(Err(e)) => return Err(e.to_string()),
                 Err(_) => return Err(format!("vCPU {} did not answer", first.index)),
             }
         }

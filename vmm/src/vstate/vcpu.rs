@@ -49,8 +49,18 @@ pub enum VcpuCommand {
     /// Save the (paused) vCPU's state, reading these MSRs.
     Save {
         msrs: Vec<u32>,
-        reply: Sender<Result<VcpuState, String>>,
+        reply: Sender<Result<VcpuState, SaveError>>,
     },
+}
+
+/// Why a vCPU's state could not be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// KVM_GET_MSRS stops at the first MSR it cannot read: index `read` of the list.
+    #[error("vCPU {index}: KVM_GET_MSRS read {read} of {total} MSRs")]
+    Msrs { index: u8, read: usize, total: usize },
+    #[error("vCPU {index}: {what}: {reason}")]
+    Kvm { index: u8, what: &'static str, reason: String },
 }
 
 /// The VMM's end of a vCPU thread.
@@ -218,19 +228,17 @@ impl Vcpu {
     }
 
     /// Reads everything KVM holds for this (paused) vCPU.
-    fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, String> {
-        let e = |what: &str| {
-            let index = self.index;
-            let what = what.to_string();
-            move |err: kvm_ioctls::Error| format!("vCPU {index}: {what}: {err}")
-        };
+    fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, SaveError> {
+        let index = self.index;
+        let e =
+            |what: &'static str| move |err: kvm_ioctls::Error| SaveError::Kvm { index, what, reason: err.to_string() };
         let mut msrs = Msrs::from_entries(
             &msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect::<Vec<_>>(),
         )
-        .map_err(|err| format!("vCPU {}: MSR list: {err:?}", self.index))?;
+        .map_err(|err| SaveError::Kvm { index, what: "MSR list", reason: format!("{err:?}") })?;
         let read = self.fd.get_msrs(&mut msrs).map_err(e("KVM_GET_MSRS"))?;
         if read != msr_indices.len() {
-            return Err(format!("vCPU {}: KVM_GET_MSRS read {read} of {} MSRs", self.index, msr_indices.len()));
+            return Err(SaveError::Msrs { index, read, total: msr_indices.len() });
         }
         Ok(VcpuState {
             // Events first: reading them does not change them, but they must be consistent
