@@ -18,6 +18,7 @@ mod cgroup;
 mod container;
 mod error;
 mod host;
+mod identity;
 mod init;
 mod oom;
 mod process;

@@ -62,6 +62,12 @@ impl Sandbox {
             mounted.push(point);
         }
         if self.init_daemon {
+            // The clock first: a restored guest's is the template's, and the RNG reseed
+            // below should not be the only thing that tells restored copies apart.
+            crate::identity::set_realtime(req.realtime_ns)
+                .map_err(|e| AgentError::internal("setting the guest's clock", e))?;
+            crate::identity::reseed_rng(&req.random_seed)
+                .map_err(|e| AgentError::internal("reseeding the guest's random number generator", e))?;
             if !req.hostname.is_empty() {
                 nix::unistd::sethostname(&req.hostname)
                     .map_err(|e| AgentError::internal("setting the guest's hostname", e))?;

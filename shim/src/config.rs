@@ -17,6 +17,8 @@ pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/nestbox";
 /// Environment variable that moves the default guest image directory (the VMM honours it too).
 pub const GUEST_DIR_ENV: &str = "NESTBOX_GUEST_DIR";
 pub const DEFAULT_SANDBOXES_DIR: &str = "/run/nestbox/sandboxes";
+/// Templates are a cache: lost ones are remade on the next pod start.
+pub const DEFAULT_TEMPLATES_DIR: &str = "/var/cache/nestbox/templates";
 pub const VMM_BINARY: &str = "nestbox-vmm";
 
 pub const DEFAULT_VCPUS: u8 = 1;
@@ -92,6 +94,8 @@ struct AgentFile {
 struct RuntimeFile {
     sandboxes_dir: Option<PathBuf>,
     shared_fs: Option<String>,
+    warm_start: Option<bool>,
+    templates_dir: Option<PathBuf>,
 }
 
 /// The configuration in effect: every value present and checked.
@@ -114,6 +118,10 @@ pub struct Config {
     pub request_timeout: Duration,
     pub sandboxes_dir: PathBuf,
     pub shared_fs: String,
+    /// Start pods by restoring a template (a snapshot of a booted guest of the same
+    /// shape) instead of booting; see `crate::template`.
+    pub warm_start: bool,
+    pub templates_dir: PathBuf,
 }
 
 /// Sizing of one pod's VM after annotations.
@@ -183,6 +191,9 @@ impl Config {
             sandboxes_dir: absolute("runtime.sandboxes_dir", file.runtime.sandboxes_dir)?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_SANDBOXES_DIR)),
             shared_fs: one_of("runtime.shared_fs", file.runtime.shared_fs, &["virtio-fs"], "virtio-fs")?,
+            warm_start: file.runtime.warm_start.unwrap_or(true),
+            templates_dir: absolute("runtime.templates_dir", file.runtime.templates_dir)?
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_TEMPLATES_DIR)),
         };
         if config.kernel_params.contains('\n') {
             return Err(invalid("hypervisor.kernel_params", "must be one line"));
@@ -224,7 +235,7 @@ impl Config {
              [hypervisor]\nvmm = {:?}\nkernel = {:?}\ninitramfs = {:?}\nvcpus = {}\nmemory_mib = {}\n\
              kernel_params = {:?}\ncpu_template = {:?}\n\n\
              [agent]\nlog_level = {:?}\nboot_timeout_secs = {}\nrequest_timeout_secs = {}\n\n\
-             [runtime]\nsandboxes_dir = {:?}\nshared_fs = {:?}\n",
+             [runtime]\nsandboxes_dir = {:?}\nshared_fs = {:?}\nwarm_start = {}\ntemplates_dir = {:?}\n",
             self.vmm.display().to_string(),
             self.kernel.display().to_string(),
             self.initramfs.display().to_string(),
@@ -237,6 +248,8 @@ impl Config {
             self.request_timeout.as_secs(),
             self.sandboxes_dir.display().to_string(),
             self.shared_fs,
+            self.warm_start,
+            self.templates_dir.display().to_string(),
         )
     }
 }
@@ -314,6 +327,8 @@ mod tests {
         assert!(c.kernel.ends_with("vmlinux") && c.initramfs.ends_with("initramfs.cpio"));
         assert_eq!(c.boot_timeout, Duration::from_secs(DEFAULT_BOOT_TIMEOUT_SECS));
         assert!(c.vmm.ends_with(VMM_BINARY));
+        assert!(c.warm_start);
+        assert_eq!(c.templates_dir, Path::new(DEFAULT_TEMPLATES_DIR));
     }
 
     #[test]
@@ -335,6 +350,8 @@ mod tests {
             [runtime]
             sandboxes_dir = "/tmp/sb"
             shared_fs = "virtio-fs"
+            warm_start = false
+            templates_dir = "/tmp/templates"
             "#,
         )
         .expect("valid");
@@ -343,6 +360,7 @@ mod tests {
         assert_eq!((c.cpu_template.as_str(), c.agent_log_level.as_str()), ("none", "debug"));
         assert_eq!((c.boot_timeout.as_secs(), c.request_timeout.as_secs()), (5, 7));
         assert_eq!(c.sandboxes_dir, Path::new("/tmp/sb"));
+        assert_eq!((c.warm_start, c.templates_dir.as_path()), (false, Path::new("/tmp/templates")));
         // What `nestbox env` prints is itself a valid configuration with the same values.
         let again = parse(c.describe().as_str()).expect("describe() parses");
         assert_eq!(Config { source: c.source.clone(), ..again }, c);
@@ -359,6 +377,7 @@ mod tests {
             ("[agent]\nboot_timeout_secs = 0", "agent.boot_timeout_secs"),
             ("[agent]\nlog_level = \"loud\"", "agent.log_level"),
             ("[runtime]\nshared_fs = \"9p\"", "runtime.shared_fs"),
+            ("[runtime]\ntemplates_dir = \"t\"", "runtime.templates_dir"),
         ] {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(key), "{text:?} -> {err}");

@@ -28,6 +28,9 @@ pub struct Containerd {
     pub namespace: String,
     /// Where the shim puts its sandboxes (`runtime.sandboxes_dir`).
     pub sandboxes: PathBuf,
+    /// Where the shim keeps its warm-start templates (`runtime.templates_dir`): the test's
+    /// own, so the first pod makes the template.
+    pub templates: PathBuf,
     /// The nestbox configuration file the shims read.
     pub nestbox_config: PathBuf,
     vmm: PathBuf,
@@ -48,6 +51,7 @@ impl Containerd {
         fs::create_dir_all(&dir).expect("creating the test's containerd folder");
         let socket = dir.join("c.sock");
         let sandboxes = dir.join("sb");
+        let templates = dir.join("tpl");
         let config = dir.join("containerd.toml");
         fs::write(
             &config,
@@ -67,7 +71,7 @@ impl Containerd {
         )
         .expect("writing containerd's config");
         let nestbox_config_path = dir.join("nestbox.toml");
-        write_nestbox_config(&nestbox_config_path, &sandboxes, &vmm, nestbox_config);
+        write_nestbox_config(&nestbox_config_path, &sandboxes, &templates, &vmm, nestbox_config);
         let path = format!(
             "{}:{}",
             shim.parent().expect("target dir").display(),
@@ -92,6 +96,7 @@ impl Containerd {
             child,
             nestbox_config: nestbox_config_path,
             sandboxes,
+            templates,
             socket,
             dir,
         };
@@ -110,7 +115,7 @@ impl Containerd {
     /// Replaces the nestbox configuration (shims started from now on read it); `text` as
     /// for [`Containerd::start`].
     pub fn write_nestbox_config(&self, text: &str) {
-        write_nestbox_config(&self.nestbox_config, &self.sandboxes, &self.vmm, text);
+        write_nestbox_config(&self.nestbox_config, &self.sandboxes, &self.templates, &self.vmm, text);
     }
 
     /// A `ctr` command against this containerd and namespace.
@@ -161,9 +166,9 @@ impl Containerd {
         }
     }
 
-    /// PIDs of VMM processes of this containerd's sandboxes.
+    /// PIDs of VMM processes of this containerd's sandboxes and templates.
     pub fn vmm_pids(&self) -> Vec<i32> {
-        processes_mentioning(&self.sandboxes)
+        processes_mentioning(&self.dir)
             .into_iter()
             .filter(|(_, cmd)| cmd.contains("nestbox-vmm"))
             .map(|(p, _)| p)
@@ -214,10 +219,11 @@ impl Drop for Containerd {
     }
 }
 
-fn write_nestbox_config(path: &Path, sandboxes: &Path, vmm: &Path, text: &str) {
+fn write_nestbox_config(path: &Path, sandboxes: &Path, templates: &Path, vmm: &Path, text: &str) {
     let config = format!(
-        "[runtime]\nsandboxes_dir = \"{}\"\n[hypervisor]\nvmm = \"{}\"\n{text}",
+        "[runtime]\nsandboxes_dir = \"{}\"\ntemplates_dir = \"{}\"\n[hypervisor]\nvmm = \"{}\"\n{text}",
         sandboxes.display(),
+        templates.display(),
         vmm.display()
     );
     fs::write(path, config).expect("writing the nestbox config");

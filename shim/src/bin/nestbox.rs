@@ -1,10 +1,12 @@
 //! `nestbox`: the host tool. `check` says whether this host can run sandboxes and why
 //! not; `env` prints the configuration and paths in effect; `config` prints what registers
-//! nestbox with containerd and Kubernetes.
+//! nestbox with containerd and Kubernetes; `template` makes the warm-start template of a
+//! pod shape ahead of the first pod.
 
 use clap::{Parser, Subcommand};
 use nestbox_shim::check::{self, Outcome};
-use nestbox_shim::config::{Config, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+use nestbox_shim::config::{Config, VmSize, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+use nestbox_shim::sandbox::template;
 use nestbox_shim::shim::RUNTIME_ID;
 use std::process::ExitCode;
 
@@ -27,6 +29,19 @@ enum Command {
     Env,
     /// Print the containerd configuration stanza and a Kubernetes RuntimeClass for nestbox.
     Config,
+    /// Make the warm-start template for pods of this shape (boots a VM once and snapshots
+    /// it; pods then start by restoring it). Without options: the configured default shape.
+    Template {
+        /// vCPUs of the pods (default: hypervisor.vcpus).
+        #[arg(long)]
+        vcpus: Option<u8>,
+        /// Memory of the pods in MiB (default: hypervisor.memory_mib).
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// Make it again even if it exists.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +92,37 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Template { vcpus, memory_mib, force } => {
+            let made = Config::load().map_err(|e| e.to_string()).and_then(|config| {
+                let mut annotations = std::collections::HashMap::new();
+                if let Some(v) = vcpus {
+                    annotations.insert(nestbox_shim::config::ANNOTATION_VCPUS.to_string(), v.to_string());
+                }
+                if let Some(m) = memory_mib {
+                    annotations.insert(nestbox_shim::config::ANNOTATION_MEMORY_MIB.to_string(), m.to_string());
+                }
+                let size: VmSize = config.vm_size(&annotations).map_err(|e| e.to_string())?;
+                let started = std::time::Instant::now();
+                let dir = template::prepare(&config, size, force).map_err(|e| e.to_string())?;
+                Ok((dir, size, started.elapsed()))
+            });
+            match made {
+                Ok((dir, size, took)) => {
+                    println!(
+                        "template for {} vCPU(s), {} MiB: {} ({:.1} s)",
+                        size.vcpus,
+                        size.memory_mib,
+                        dir.display(),
+                        took.as_secs_f64()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nestbox: template: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Config => {
             let memory = Config::load().map(|c| c.memory_mib).unwrap_or(nestbox_shim::config::DEFAULT_MEMORY_MIB);
             print!(

@@ -27,6 +27,19 @@ pub enum AgentError {
     Call { call: &'static str, source: Box<ttrpc::Error> },
     #[error("opening {kind} stream of {what}: {source}")]
     Stream { kind: StreamKind, what: String, source: Box<hybrid::Error> },
+    #[error("drawing a random seed for the guest from the host's getrandom: {0}")]
+    Seed(std::io::Error),
+}
+
+/// 32 bytes from the host's kernel RNG (256 bits: a full ChaCha key's worth).
+fn host_random_seed() -> Result<Vec<u8>, AgentError> {
+    let mut seed = vec![0u8; 32];
+    // SAFETY: getrandom writes at most seed.len() bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if n != seed.len() as isize {
+        return Err(AgentError::Seed(std::io::Error::last_os_error()));
+    }
+    Ok(seed)
 }
 
 impl AgentError {
@@ -130,6 +143,13 @@ impl Agent {
                 mount_point: GUEST_SHARED_DIR.into(),
                 ..Default::default()
             }],
+            // Every sandbox, cold or restored, gets its own seed and the host's time: a
+            // restored guest otherwise shares both with every other copy of its template.
+            random_seed: host_random_seed()?,
+            realtime_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0),
             ..Default::default()
         };
         self.unit("CreateSandbox", self.client.create_sandbox(self.ctx(), &req))

@@ -18,10 +18,11 @@
 
 pub mod agent;
 pub mod mounts;
+pub mod template;
 pub mod vmm;
 
 use crate::config::{Config, VmSize};
-use agent::{Agent, AgentError, FS_TAG};
+use agent::{Agent, AgentError};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,13 @@ use vmm::{Vmm, VmmSpec};
 const CONSOLE_TAIL_LINES: usize = 25;
 /// How long one connection attempt may take before the VMM is checked again.
 const CONNECT_SLICE: Duration = Duration::from_secs(2);
+/// A restored guest's agent answers within a second even on a software-nested host; a
+/// restore that takes this long is treated as failed and the pod boots cold.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The caller's handler for an unexpected VMM exit, shared by a failed restore attempt
+/// and the cold boot after it (only the VMM that serves the pod may run it).
+type ExitHandler = Arc<Mutex<Option<Box<dyn FnOnce(ExitStatus) + Send>>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -178,9 +186,12 @@ impl Sandbox {
         Ok(paths)
     }
 
-    /// Starts the VMM on a prepared directory and waits for the agent. On failure the VMM
-    /// is killed; the directory stays for the caller, who also owns what it mounted there.
-    /// `on_vmm_exit` runs when the VMM ends other than through [`Sandbox::stop`].
+    /// Starts the pod's VM on a prepared directory and waits for the agent: restored from
+    /// the template of its shape when warm start is on (making the template first if there
+    /// is none), booted cold otherwise or when that fails, with the reason logged. On
+    /// failure the VMM is killed; the directory stays for the caller, who also owns what it
+    /// mounted there. `on_vmm_exit` runs when the VMM ends other than through
+    /// [`Sandbox::stop`].
     pub fn boot(
         config: &Config,
         id: &str,
@@ -188,23 +199,43 @@ impl Sandbox {
         paths: SandboxPaths,
         on_vmm_exit: Box<dyn FnOnce(ExitStatus) + Send>,
     ) -> Result<Sandbox, SandboxError> {
-        let spec = VmmSpec {
-            binary: config.vmm.clone(),
-            kernel: config.kernel.clone(),
-            initramfs: config.initramfs.clone(),
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
-            // The agent's log level travels on the kernel command line, which it reads at boot.
-            kernel_params: format!("nestbox.log={} {}", config.agent_log_level, config.kernel_params)
-                .trim()
-                .to_string(),
-            cpu_template: config.cpu_template.clone(),
-            console: paths.console.clone(),
-            vsock_socket: paths.vsock.clone(),
-            shared_dir: paths.shared.clone(),
-            fs_tag: FS_TAG.to_string(),
-            log: paths.vmm_log.clone(),
-        };
+        let on_vmm_exit: ExitHandler = Arc::new(Mutex::new(Some(on_vmm_exit)));
+        if config.warm_start {
+            match template::prepare(config, size, false) {
+                Ok(template) => {
+                    let spec = VmmSpec::restore(config, size, &paths, &template);
+                    match Sandbox::start(config, id, &spec, paths.clone(), RESTORE_TIMEOUT, on_vmm_exit.clone()) {
+                        Ok(sandbox) => return Ok(sandbox),
+                        Err(e) => {
+                            log::warn!(
+                                "sandbox {id}: restoring template {} failed, booting cold: {e}",
+                                template.display()
+                            );
+                            // The VMM refused the snapshot or the restored guest died: the
+                            // template is bad; the next pod makes a new one.
+                            if matches!(e, SandboxError::VmmExited { .. }) {
+                                template::discard(&template);
+                            }
+                        }
+                    }
+                }
+                Err(e) => log::warn!("sandbox {id}: no template to restore, booting cold: {e}"),
+            }
+        }
+        let spec = VmmSpec::boot(config, size, &paths);
+        Sandbox::start(config, id, &spec, paths, config.boot_timeout, on_vmm_exit)
+    }
+
+    /// Spawns the VMM of `spec` and waits up to `timeout` for its agent, then creates the
+    /// sandbox in the guest.
+    fn start(
+        config: &Config,
+        id: &str,
+        spec: &VmmSpec,
+        paths: SandboxPaths,
+        timeout: Duration,
+        on_vmm_exit: ExitHandler,
+    ) -> Result<Sandbox, SandboxError> {
         let stopping = Arc::new(AtomicBool::new(false));
         let console = ConsoleTail::default();
         let on_exit = {
@@ -213,15 +244,16 @@ impl Sandbox {
             let id = id.to_string();
             Box::new(move |status: ExitStatus| {
                 console.stop.store(true, Ordering::Release);
-                if stopping.load(Ordering::Acquire) {
-                    log::info!("sandbox {id}: VMM ended ({status})");
-                } else {
-                    on_vmm_exit(status);
+                let handler = on_vmm_exit.lock().unwrap_or_else(|e| e.into_inner()).take();
+                match handler {
+                    Some(handler) if !stopping.load(Ordering::Acquire) => handler(status),
+                    _ => log::info!("sandbox {id}: VMM ended ({status})"),
                 }
             })
         };
         log::info!("sandbox {id}: starting {:?}", spec.command());
-        let vmm = Vmm::spawn(&spec, on_exit)?;
+        let started = Instant::now();
+        let vmm = Vmm::spawn(spec, on_exit)?;
         console.follow(paths.console.clone(), id.to_string());
         // From here on, a failure must kill the VMM.
         let fail = |vmm: &Vmm, stopping: &AtomicBool| {
@@ -232,8 +264,7 @@ impl Sandbox {
             fail(&vmm, &stopping);
             return Err(SandboxError::Dir { path: paths.pid_file.clone(), source: e });
         }
-        let started = Instant::now();
-        let agent = match connect(config, &paths, &vmm, &console, started) {
+        let agent = match connect(config, &paths, &vmm, &console, started + timeout) {
             Ok(agent) => agent,
             Err(e) => {
                 fail(&vmm, &stopping);
@@ -242,16 +273,20 @@ impl Sandbox {
         };
         let sandbox = Sandbox { id: id.to_string(), paths, vmm, agent, stopping, console };
         let hostname: String = id.chars().take(12).collect();
+        let how = if spec.restore.is_some() { "restored" } else { "booted" };
         match sandbox.agent.version().and_then(|v| {
             log::info!(
-                "sandbox {id}: agent {} on guest kernel {} answered after {:.1?}",
+                "sandbox {id}: VM {how}: agent {} on guest kernel {} answered {:.3} s after the VMM started",
                 v.agent_version,
                 v.kernel_release,
-                started.elapsed()
+                started.elapsed().as_secs_f64()
             );
             sandbox.agent.create_sandbox(id, &hostname)
         }) {
-            Ok(()) => Ok(sandbox),
+            Ok(()) => {
+                log::info!("sandbox {id}: ready {:.3} s after the VMM started", started.elapsed().as_secs_f64());
+                Ok(sandbox)
+            }
             Err(e) => {
                 fail(&sandbox.vmm, &sandbox.stopping);
                 Err(e.into())
@@ -301,15 +336,15 @@ impl Sandbox {
     }
 }
 
-/// Connects to the agent until the boot timeout, giving up at once when the VMM exits.
+/// Connects to the agent until `deadline`, giving up at once when the VMM exits.
 fn connect(
     config: &Config,
     paths: &SandboxPaths,
     vmm: &Vmm,
     console: &ConsoleTail,
-    started: Instant,
+    deadline: Instant,
 ) -> Result<Agent, SandboxError> {
-    let deadline = started + config.boot_timeout;
+    let started = Instant::now();
     loop {
         if let Some(status) = vmm.exit_status() {
             let log = std::fs::read_to_string(&paths.vmm_log).unwrap_or_default();

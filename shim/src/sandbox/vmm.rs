@@ -6,6 +6,10 @@
 //! signal follows the thread that spawned the child, not the process, which is why the
 //! supervising thread itself spawns the VMM and lives exactly as long as it.
 
+use super::agent::FS_TAG;
+use super::template::kernel_params;
+use super::SandboxPaths;
+use crate::config::{Config, VmSize};
 use std::fs::File;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -34,11 +38,62 @@ pub struct VmmSpec {
     pub fs_tag: String,
     /// The VMM's own stderr (its error messages).
     pub log: PathBuf,
+    /// The VMM's control API socket (pause, snapshot), if wanted.
+    pub api_socket: Option<PathBuf>,
+    /// Start from this template (snapshot directory) instead of booting the kernel.
+    pub restore: Option<PathBuf>,
 }
 
 impl VmmSpec {
+    /// A VM of `size` booted from the configured kernel, with the files of `paths`.
+    pub fn boot(config: &Config, size: VmSize, paths: &SandboxPaths) -> VmmSpec {
+        VmmSpec {
+            binary: config.vmm.clone(),
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            // The agent's log level travels on the kernel command line, which it reads at boot.
+            kernel_params: kernel_params(config),
+            cpu_template: config.cpu_template.clone(),
+            console: paths.console.clone(),
+            vsock_socket: paths.vsock.clone(),
+            shared_dir: paths.shared.clone(),
+            fs_tag: FS_TAG.to_string(),
+            log: paths.vmm_log.clone(),
+            api_socket: None,
+            restore: None,
+        }
+    }
+
+    /// The same VM restored from `template` (which fixes vCPUs, memory and kernel).
+    pub fn restore(config: &Config, size: VmSize, paths: &SandboxPaths, template: &Path) -> VmmSpec {
+        VmmSpec { restore: Some(template.to_path_buf()), ..VmmSpec::boot(config, size, paths) }
+    }
+
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
+        if let Some(template) = &self.restore {
+            // Size, kernel and command line are the template's; the files are this VM's.
+            cmd.arg("--restore").arg(template);
+        } else {
+            self.boot_args(&mut cmd);
+        }
+        cmd.arg("--console")
+            .arg(&self.console)
+            .arg("--vsock-socket")
+            .arg(&self.vsock_socket)
+            .arg("--shared-dir")
+            .arg(&self.shared_dir)
+            .arg("--fs-tag")
+            .arg(&self.fs_tag);
+        if let Some(api) = &self.api_socket {
+            cmd.arg("--api-socket").arg(api);
+        }
+        cmd
+    }
+
+    fn boot_args(&self, cmd: &mut Command) {
         cmd.arg("--kernel")
             .arg(&self.kernel)
             .arg("--initramfs")
@@ -48,19 +103,10 @@ impl VmmSpec {
             .arg("--memory-mib")
             .arg(self.memory_mib.to_string())
             .arg("--cpu-template")
-            .arg(&self.cpu_template)
-            .arg("--console")
-            .arg(&self.console)
-            .arg("--vsock-socket")
-            .arg(&self.vsock_socket)
-            .arg("--shared-dir")
-            .arg(&self.shared_dir)
-            .arg("--fs-tag")
-            .arg(&self.fs_tag);
+            .arg(&self.cpu_template);
         if !self.kernel_params.is_empty() {
             cmd.arg("--cmdline").arg(&self.kernel_params);
         }
-        cmd
     }
 }
 
@@ -240,6 +286,8 @@ mod tests {
             shared_dir: dir.join("shared"),
             fs_tag: "nestbox".into(),
             log: dir.join("vmm.log"),
+            api_socket: None,
+            restore: None,
         }
     }
 
