@@ -5,6 +5,7 @@
 //!   [`agent_ttrpc::AgentService`] trait with [`agent_ttrpc::create_agent_service`] (guest),
 //!   served as ttrpc service `nestbox.agent.v1.AgentService` on vsock port [`AGENT_PORT`];
 //! - [`hybrid`]: the host side of Firecracker-style hybrid vsock (a Unix socket into the VMM);
+//! - [`mount_options`]: mount option lists split into mount(2) flags and data;
 //! - [`stdio`]: the header that opens a process's standard stream on [`IO_PORT`];
 //! - [`vsock_test`]: the guest's vsock test services, for tests of the VMM's vsock device.
 //!
@@ -17,6 +18,7 @@ pub use ttrpc;
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 
 pub mod hybrid;
+pub mod mount_options;
 pub mod stdio;
 pub mod vsock_test;
 

@@ -9,9 +9,9 @@
 //! with piped stdin, output and exit code and the guest's own kernel; two restored pods
 //! reading different random bytes and the host's time; a long-running container for exec
 //! (output, stderr, exit code, stdin, terminal), ps, pause/resume, metrics and kill with a
-//! signal; one whose VMM is killed under it; the template made again after the kernel
-//! changes; a corrupt template falling back to a cold boot. Afterwards no sandbox
-//! directory, mount or VMM process may remain.
+//! signal; creates that fail before and after the VM is up; one whose VMM is killed under
+//! it; the template made again after the kernel changes; a corrupt template falling back
+//! to a cold boot. Afterwards no sandbox directory, mount or VMM process may remain.
 
 use nestbox_tests::containerd::{Containerd, BUSYBOX, QUICK, RUNTIME};
 use nestbox_tests::{host_kernel_release, Finished, GUEST_DEADLINE};
@@ -222,6 +222,37 @@ fn containers_run_in_their_own_vms() {
     // metrics: the guest's cgroup figures.
     let metrics = c.ok(&["task", "metrics", "long"], IN_GUEST);
     assert!(metrics.stdout.contains("memory") || metrics.stdout.contains("pids"), "{metrics:?}");
+
+    // Create fails halfway, before the VM (a bind mount of a missing host path) and after
+    // it is up (a program the image does not have): each fails naming the problem, and the
+    // pod's sandbox directory, mounts and VMM all go.
+    let before = c.vmm_pids().len();
+    let bad_bind = c.run(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--mount",
+            "type=bind,src=/nonexistent-nbx-src,dst=/mnt,options=rbind:ro",
+            BUSYBOX,
+            "badbind",
+            "true",
+        ],
+        GUEST_DEADLINE,
+    );
+    assert!(!bad_bind.status.success() && bad_bind.stderr.contains("/nonexistent-nbx-src"), "{bad_bind:?}");
+    let bad_program =
+        c.run(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, "badprog", "/no/such/program"], GUEST_DEADLINE);
+    assert!(!bad_program.status.success() && bad_program.stderr.contains("/no/such/program"), "{bad_program:?}");
+    let _ = c.run(&["containers", "rm", "badbind", "badprog"], QUICK);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.sandbox_dirs().iter().any(|d| d.ends_with("badbind") || d.ends_with("badprog"))
+        || c.vmm_pids().len() > before
+    {
+        assert!(Instant::now() < deadline, "failed creates left {:?}, VMMs {:?}", c.sandbox_dirs(), c.vmm_pids());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // The victim's VMM dies: its container exits with an error status, containerd hears of
     // it, and its sandbox is cleaned up.

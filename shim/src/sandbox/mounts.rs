@@ -32,37 +32,10 @@ pub enum MountError {
 }
 
 /// mount(8)-style options split into flags and the data string the file system gets.
+/// Propagation options are the guest's business: not applied on the host.
 fn parse_options(options: &[String]) -> (MsFlags, String) {
-    let mut flags = MsFlags::empty();
-    let mut data = Vec::new();
-    for option in options {
-        let (set, clear) = match option.as_str() {
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
-            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
-            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
-            // Propagation is the guest's business; "defaults" means nothing to add.
-            "defaults" | "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" => {
-                (MsFlags::empty(), MsFlags::empty())
-            }
-            other => {
-                data.push(other.to_string());
-                (MsFlags::empty(), MsFlags::empty())
-            }
-        };
-        flags.insert(set);
-        flags.remove(clear);
-    }
-    (flags, data.join(","))
+    let parsed = nestbox_protocols::mount_options::parse_options(options);
+    (parsed.flags, parsed.data.join(","))
 }
 
 /// Mounts one of containerd's mounts on `target` (which must exist).
