@@ -292,6 +292,19 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_takes_the_template_and_the_sandbox_files_but_not_the_kernel() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let restore = VmmSpec { restore: Some(dir.path().join("tpl")), ..spec(dir.path(), "vmm") };
+        let args: Vec<String> = restore.command().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let has = |flag: &str| args.iter().any(|a| a == flag);
+        assert!(has("--restore") && has("--vsock-socket") && has("--shared-dir") && has("--console"), "{args:?}");
+        assert!(!has("--kernel") && !has("--memory-mib") && !has("--cmdline"), "{args:?}");
+        let boot: Vec<String> =
+            spec(dir.path(), "vmm").command().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(boot.iter().any(|a| a == "--kernel") && !boot.iter().any(|a| a == "--restore"), "{boot:?}");
+    }
+
+    #[test]
     fn missing_binary_is_a_clear_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let err = Vmm::spawn(&spec(dir.path(), "/nonexistent/nestbox-vmm"), Box::new(|_| {}))
