@@ -301,10 +301,12 @@ fn output_exit_codes_pid_namespace_and_hostname() {
     assert_eq!(lines.len(), 3 + 50000, "every line of output arrives");
     assert_eq!(lines.last(), Some(&"50000"));
 
-    // A program that is not there: the start fails and says so.
-    agent.create("c2", &agent.spec(&rootfs, &["no-such-program"]), Stdio::default()).expect("create");
-    expect_code(agent.start_container("c2"), ttrpc::Code::FAILED_PRECONDITION, "\"no-such-program\" not found");
-    agent.remove("c2").expect("remove");
+    // A program that is not there: the create fails and says so (bad_input_... has more).
+    expect_code(
+        agent.create("c2", &agent.spec(&rootfs, &["no-such-program"]), Stdio::default()),
+        ttrpc::Code::FAILED_PRECONDITION,
+        "\"no-such-program\" not found",
+    );
 }
 
 #[test]
@@ -688,6 +690,14 @@ fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
     expect_code(agent.create("c", &bad_mount, Stdio::default()), ttrpc::Code::FAILED_PRECONDITION, "/no/such/dir");
     for dir in agent.cgroup_dirs("c") {
         assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    // A program the rootfs does not have fails the create, as with runc, by path or by name.
+    for missing in ["/no/such/program", "no-such-program"] {
+        expect_code(
+            agent.create("c", &agent.spec(&rootfs, &[missing]), Stdio::default()),
+            ttrpc::Code::FAILED_PRECONDITION,
+            missing,
+        );
     }
     // The id is free again after every failure.
     agent.create("c", &agent.spec(&rootfs, &["true"]), Stdio::default()).expect("create after failures");

@@ -137,15 +137,17 @@ fn run(control: &mut File) -> Result<std::convert::Infallible> {
         caps::set(c).context("setting capabilities")?;
     }
 
-    spawn::send(control, &Report::Ready).context("reporting ready")?;
-    let mut start = [0u8; 1];
-    control.read_exact(&mut start).context("waiting for the start")?;
-
+    // The working directory and the program are found before reporting ready, as runc
+    // does: a missing program fails the create (and containerd cleans up), not the start.
     let cwd = if process.cwd().as_os_str().is_empty() { Path::new("/") } else { process.cwd().as_path() };
     nix::unistd::chdir(cwd).with_context(|| format!("cwd {}", cwd.display()))?;
     let env: Vec<String> = process.env().clone().unwrap_or_default();
     let (path, argv) = command(process, &env)?;
     let envp = to_cstrings(env.iter().map(String::as_str))?;
+
+    spawn::send(control, &Report::Ready).context("reporting ready")?;
+    let mut start = [0u8; 1];
+    control.read_exact(&mut start).context("waiting for the start")?;
 
     if no_new_privs {
         // SAFETY: prctl with integer arguments only.
@@ -178,7 +180,12 @@ fn command(process: &Process, env: &[String]) -> Result<(CString, Vec<CString>)>
     let argv = to_cstrings(args.iter().map(String::as_str))?;
     let name = &args[0];
     if name.contains('/') {
-        return Ok((CString::new(name.as_str())?, argv));
+        let path = CString::new(name.as_str())?;
+        // SAFETY: access(2) with a valid NUL-terminated path.
+        if unsafe { libc::access(path.as_ptr(), libc::X_OK) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("executable file {name:?}"));
+        }
+        return Ok((path, argv));
     }
     let path_var = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
     for dir in path_var.split(':').filter(|d| !d.is_empty()) {
