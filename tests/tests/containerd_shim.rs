@@ -263,14 +263,15 @@ fn containers_run_in_their_own_vms() {
     assert_eq!(unsafe { libc::kill(vmm_pid, libc::SIGKILL) }, 0);
     wait_for_status(&c, "victim", "STOPPED");
     let deleted = c.run(&["task", "delete", "victim"], IN_GUEST);
-    assert_eq!(deleted.status.code(), Some(255), "{deleted:?}");
+    // ctr 1.6 reports a task's non-zero exit status as a warning, and itself exits 0.
+    assert!(deleted.status.success() && deleted.stderr.contains("exit code 255"), "{deleted:?}");
     assert!(!victim_dir.exists(), "the dead VM's sandbox was not cleaned up");
 
     // kill with a signal: the container's trap turns SIGTERM into exit code 42.
     c.ok(&["task", "kill", "--signal", "SIGTERM", "long"], IN_GUEST);
     wait_for_status(&c, "long", "STOPPED");
     let deleted = c.run(&["task", "delete", "long"], IN_GUEST);
-    assert_eq!(deleted.status.code(), Some(42), "{deleted:?}");
+    assert!(deleted.status.success() && deleted.stderr.contains("exit code 42"), "{deleted:?}");
     c.ok(&["containers", "rm", "long", "victim"], IN_GUEST);
 
     // The kernel changes (rebuilt in place): the next pod makes a new template, and the old
