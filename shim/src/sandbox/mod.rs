@@ -237,17 +237,25 @@ impl Sandbox {
         on_vmm_exit: ExitHandler,
     ) -> Result<Sandbox, SandboxError> {
         let stopping = Arc::new(AtomicBool::new(false));
+        // Set once this VMM serves the pod: the exit of a VMM whose start failed (a
+        // refused restore, say, before a cold boot) is that start's error, not the pod's.
+        let armed = Arc::new(AtomicBool::new(false));
         let console = ConsoleTail::default();
         let on_exit = {
-            let stopping = stopping.clone();
+            let (stopping, armed) = (stopping.clone(), armed.clone());
             let console = console.clone();
+            let on_vmm_exit = on_vmm_exit.clone();
             let id = id.to_string();
             Box::new(move |status: ExitStatus| {
                 console.stop.store(true, Ordering::Release);
-                let handler = on_vmm_exit.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let handler = if armed.load(Ordering::SeqCst) && !stopping.load(Ordering::Acquire) {
+                    on_vmm_exit.lock().unwrap_or_else(|e| e.into_inner()).take()
+                } else {
+                    None
+                };
                 match handler {
-                    Some(handler) if !stopping.load(Ordering::Acquire) => handler(status),
-                    _ => log::info!("sandbox {id}: VMM ended ({status})"),
+                    Some(handler) => handler(status),
+                    None => log::info!("sandbox {id}: VMM ended ({status})"),
                 }
             })
         };
@@ -284,6 +292,19 @@ impl Sandbox {
             sandbox.agent.create_sandbox(id, &hostname)
         }) {
             Ok(()) => {
+                armed.store(true, Ordering::SeqCst);
+                // A VMM that ended before it was armed was not reported by its exit
+                // handler: this start fails instead (taking the handler makes sure no
+                // report follows).
+                if let Some(status) = sandbox.vmm.exit_status() {
+                    if on_vmm_exit.lock().unwrap_or_else(|e| e.into_inner()).take().is_some() {
+                        sandbox.stopping.store(true, Ordering::Release);
+                        return Err(SandboxError::VmmExited {
+                            status: status.to_string(),
+                            details: sandbox.console.last_lines(),
+                        });
+                    }
+                }
                 log::info!("sandbox {id}: ready {:.3} s after the VMM started", started.elapsed().as_secs_f64());
                 Ok(sandbox)
             }
