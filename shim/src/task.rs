@@ -813,8 +813,20 @@ fn spec_root(spec: &Value, bundle: &str) -> RpcResult<PathBuf> {
 /// Rewrites the spec for the guest: its root becomes the shared rootfs, and every bind
 /// mount of a host path is shared through `<container_dir>/mounts/<n>` (host side) and
 /// read from there in the guest. `/dev/shm` becomes the guest's own tmpfs: shared memory
-/// through virtio-fs would be neither shared nor memory.
+/// through virtio-fs would be neither shared nor memory. Namespaces given by a host path
+/// (CRI gives a pod's containers the pause container's `/proc/<pid>/ns/...`) mean nothing
+/// in the guest: the container gets namespaces of its own there (the pod already shares the
+/// VM's network); sharing IPC/UTS/PID with the pod's other containers inside the guest is
+/// not done yet.
 fn share_spec(spec: &mut Value, id: &str, container_dir: &Path) -> Result<(), String> {
+    if let Some(namespaces) = spec.pointer_mut("/linux/namespaces").and_then(Value::as_array_mut) {
+        for ns in namespaces.iter_mut().filter_map(Value::as_object_mut) {
+            if let Some(path) = ns.remove("path") {
+                let kind = ns.get("type").and_then(Value::as_str).unwrap_or("?");
+                log::info!("container {id}: {kind} namespace {path} is a host path; a new one in the guest instead");
+            }
+        }
+    }
     let guest_dir = format!("{GUEST_SHARED_DIR}/{id}");
     let root = spec
         .as_object_mut()
@@ -1096,8 +1108,18 @@ mod tests {
                 {"destination": "/dev/shm", "type": "bind", "source": "/run/whatever/shm", "options": ["rbind"]}
             ]
         });
+        spec["linux"] = json!({"namespaces": [
+            {"type": "mount"},
+            {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+            {"type": "network", "path": "/proc/4242/ns/net"}
+        ]});
         share_spec(&mut spec, "c1", &container_dir).expect("shared");
         assert_eq!(spec["root"]["path"], "/run/nestbox/shared/c1/rootfs");
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "mount"}, {"type": "ipc"}, {"type": "network"}]),
+            "host namespace paths dropped"
+        );
         assert_eq!(spec["mounts"][0]["source"], "proc");
         assert_eq!(spec["mounts"][1]["source"], "/run/nestbox/shared/c1/mounts/1");
         assert_eq!(spec["mounts"][2]["source"], "/run/nestbox/shared/c1/mounts/2");
