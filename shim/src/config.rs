@@ -224,6 +224,13 @@ impl Config {
         Ok(size)
     }
 
+    /// The kernel parameters every sandbox VM boots with (a template's included, so they
+    /// are part of its key): the agent's log level, read by the agent at boot, then
+    /// `hypervisor.kernel_params`.
+    pub fn guest_kernel_params(&self) -> String {
+        format!("nestbox.log={} {}", self.agent_log_level, self.kernel_params).trim().to_string()
+    }
+
     /// The configuration as TOML-like lines, for `nestbox env`.
     pub fn describe(&self) -> String {
         let source = match &self.source {

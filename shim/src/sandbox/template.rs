@@ -79,11 +79,6 @@ fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The kernel parameters a sandbox's VM boots with (the template's must be the same).
-pub fn kernel_params(config: &Config) -> String {
-    format!("nestbox.log={} {}", config.agent_log_level, config.kernel_params).trim().to_string()
-}
-
 impl TemplateInputs {
     pub fn read(config: &Config, size: VmSize) -> Result<TemplateInputs, TemplateError> {
         let mut description = String::new();
@@ -94,7 +89,7 @@ impl TemplateInputs {
         let _ = writeln!(description, "param vcpus {}", size.vcpus);
         let _ = writeln!(description, "param memory_mib {}", size.memory_mib);
         let _ = writeln!(description, "param cpu_template {}", config.cpu_template);
-        let _ = writeln!(description, "param kernel_params {}", kernel_params(config));
+        let _ = writeln!(description, "param kernel_params {}", config.guest_kernel_params());
         let _ = writeln!(description, "param nestbox {}", env!("CARGO_PKG_VERSION"));
         Ok(TemplateInputs { key: format!("{:016x}", fnv1a(&description)), description })
     }

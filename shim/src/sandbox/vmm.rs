@@ -7,7 +7,6 @@
 //! supervising thread itself spawns the VMM and lives exactly as long as it.
 
 use super::agent::FS_TAG;
-use super::template::kernel_params;
 use super::SandboxPaths;
 use crate::config::{Config, VmSize};
 use std::fs::File;
@@ -54,7 +53,7 @@ impl VmmSpec {
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             // The agent's log level travels on the kernel command line, which it reads at boot.
-            kernel_params: kernel_params(config),
+            kernel_params: config.guest_kernel_params(),
             cpu_template: config.cpu_template.clone(),
             console: paths.console.clone(),
             vsock_socket: paths.vsock.clone(),
