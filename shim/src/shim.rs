@@ -8,8 +8,10 @@
 //! - `delete` (after a shim died, or a start failed): clean up what the dead shim left.
 
 use crate::config::Config;
+use crate::events::now;
 use crate::sandbox;
-use crate::task::{self, Service, SANDBOX_ID_ANNOTATION};
+use crate::spec;
+use crate::task::Service;
 use containerd_shim::api::DeleteResponse;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Flags, StartOpts};
@@ -30,16 +32,11 @@ pub struct NestboxShim {
     exit: Arc<ExitSignal>,
 }
 
-/// The pod a bundle's container belongs to.
+/// The pod a bundle's container belongs to (read leniently: a spec that cannot be read
+/// makes the container its own pod, as `create` would then fail for it anyway).
 fn pod_of(bundle: &Path, container_id: &str) -> String {
-    let spec: Option<serde_json::Value> =
-        std::fs::read(bundle.join("config.json")).ok().and_then(|text| serde_json::from_slice(&text).ok());
-    spec.as_ref()
-        .and_then(|s| s.pointer("/annotations").and_then(|a| a.get(SANDBOX_ID_ANNOTATION)))
-        .and_then(|v| v.as_str())
-        .filter(|s| !s.is_empty())
-        .unwrap_or(container_id)
-        .to_string()
+    let text = std::fs::read(bundle.join("config.json")).unwrap_or_default();
+    spec::pod_id(&spec::annotations_of(&text), container_id)
 }
 
 fn other(e: impl std::fmt::Display) -> containerd_shim::Error {
@@ -84,7 +81,7 @@ impl containerd_shim::Shim for NestboxShim {
         Ok(DeleteResponse {
             pid: 0,
             exit_status: KILLED_EXIT_STATUS,
-            exited_at: Some(task::now()).into(),
+            exited_at: Some(now()).into(),
             ..Default::default()
         })
     }

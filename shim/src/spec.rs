@@ -1,0 +1,230 @@
+//! The container's OCI runtime spec (`<bundle>/config.json`): reading it, the pod it
+//! belongs to, and rewriting it for the guest, through oci-spec's types (the agent reads
+//! it with the same types).
+//!
+//! oci-spec keeps only the fields it knows, so a field of a newer runtime spec that oci-spec
+//! does not know is dropped by the rewrite. The agent parses the spec with the same
+//! oci-spec types, so it never saw such fields before either: nothing the guest acts on is
+//! lost.
+
+use crate::sandbox::agent::GUEST_SHARED_DIR;
+use crate::sandbox::mounts::{self, MountError};
+use oci_spec::runtime::{Mount, Root, Spec};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The annotation containerd's CRI puts on every container of a pod.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// The root a spec without `root.path` means (relative to the bundle), as runc reads it.
+const DEFAULT_ROOT: &str = "rootfs";
+/// What `/dev/shm` becomes in the guest: a tmpfs of its own, with the options and size
+/// containerd gives a container's shm.
+const GUEST_SHM_OPTIONS: [&str; 5] = ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("reading the OCI spec {path}: {source}", path = path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing the OCI spec {path}: {source}", path = path.display())]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("no rootfs mounts and the spec's root {path} is not a directory", path = path.display())]
+    NoRoot { path: PathBuf },
+    #[error("bind mount of {destination}: source {host_path:?} is not an absolute host path")]
+    RelativeBindSource { destination: String, host_path: String },
+    #[error("sharing {host_path} for {destination}: {error}")]
+    Share { host_path: String, destination: String, error: Box<MountError> },
+    #[error("encoding the spec: {0}")]
+    Encode(serde_json::Error),
+}
+
+/// Reads and parses `<bundle>/config.json`.
+pub fn read(bundle: &Path) -> Result<Spec, SpecError> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|source| SpecError::Read { path: path.clone(), source })?;
+    serde_json::from_slice(&text).map_err(|source| SpecError::Parse { path, source })
+}
+
+/// The spec as the agent receives it.
+pub fn encode(spec: &Spec) -> Result<Vec<u8>, SpecError> {
+    serde_json::to_vec(spec).map_err(SpecError::Encode)
+}
+
+/// The pod a container belongs to: CRI's sandbox id, else the container is its own pod.
+pub fn pod_id(annotations: &HashMap<String, String>, container_id: &str) -> String {
+    annotations
+        .get(SANDBOX_ID_ANNOTATION)
+        .filter(|pod| !pod.is_empty())
+        .cloned()
+        .unwrap_or_else(|| container_id.to_string())
+}
+
+/// The annotations of a spec's text, read leniently: `shim start` and `shim delete` must
+/// find the pod even in a spec they cannot parse otherwise (a spec that is not JSON, or
+/// annotations that are not strings, yield none or fewer).
+pub fn annotations_of(config_json: &[u8]) -> HashMap<String, String> {
+    #[derive(serde::Deserialize)]
+    struct AnnotationsOnly {
+        #[serde(default)]
+        annotations: HashMap<String, serde_json::Value>,
+    }
+    let Ok(parsed) = serde_json::from_slice::<AnnotationsOnly>(config_json) else { return HashMap::new() };
+    parsed.annotations.into_iter().filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string()))).collect()
+}
+
+/// The host directory the spec names as root (relative paths are relative to the bundle).
+pub fn root_dir(spec: &Spec, bundle: &Path) -> Result<PathBuf, SpecError> {
+    let root = spec.root().as_ref().map(|r| r.path().as_path()).filter(|p| !p.as_os_str().is_empty());
+    let path = bundle.join(root.unwrap_or(Path::new(DEFAULT_ROOT)));
+    if !path.is_dir() {
+        return Err(SpecError::NoRoot { path });
+    }
+    Ok(path)
+}
+
+/// Rewrites the spec for the guest: its root becomes the shared rootfs, and every bind
+/// mount of a host path is shared through `<container_dir>/mounts/<n>` (host side) and
+/// read from there in the guest. `/dev/shm` becomes the guest's own tmpfs: shared memory
+/// through virtio-fs would be neither shared nor memory. Namespaces given by a host path
+/// (CRI gives a pod's containers the pause container's `/proc/<pid>/ns/...`) mean nothing
+/// in the guest: the container gets namespaces of its own there (the pod already shares the
+/// VM's network); sharing IPC/UTS/PID with the pod's other containers inside the guest is
+/// not done yet. On failure the caller removes `container_dir` (with what was bound there).
+pub fn rewrite_for_guest(spec: &mut Spec, id: &str, container_dir: &Path) -> Result<(), SpecError> {
+    drop_host_namespaces(spec, id);
+    let guest_dir = format!("{GUEST_SHARED_DIR}/{id}");
+    let mut root = spec.root().clone().unwrap_or_else(|| {
+        // A spec without a root: give it only a path, as before, not oci-spec's default
+        // (which is read-only).
+        let mut root = Root::default();
+        root.set_readonly(None);
+        root
+    });
+    root.set_path(PathBuf::from(format!("{guest_dir}/rootfs")));
+    spec.set_root(Some(root));
+    let Some(spec_mounts) = spec.mounts_mut().as_mut() else { return Ok(()) };
+    for (n, mount) in spec_mounts.iter_mut().enumerate() {
+        if !is_bind(mount) {
+            continue;
+        }
+        if mount.destination() == Path::new("/dev/shm") {
+            mount.set_typ(Some("tmpfs".into()));
+            mount.set_source(Some("shm".into()));
+            mount.set_options(Some(GUEST_SHM_OPTIONS.iter().map(|o| o.to_string()).collect()));
+            continue;
+        }
+        let destination = mount.destination().display().to_string();
+        let source = mount.source().clone().unwrap_or_default();
+        if !source.is_absolute() {
+            return Err(SpecError::RelativeBindSource { destination, host_path: source.display().to_string() });
+        }
+        let read_only = mount.options().iter().flatten().any(|o| o == "ro");
+        mounts::bind(&source, &container_dir.join("mounts").join(n.to_string()), read_only).map_err(|error| {
+            SpecError::Share { host_path: source.display().to_string(), destination, error: Box::new(error) }
+        })?;
+        mount.set_source(Some(PathBuf::from(format!("{guest_dir}/mounts/{n}"))));
+    }
+    Ok(())
+}
+
+/// A bind mount by its type or by its options (containerd writes both forms).
+fn is_bind(mount: &Mount) -> bool {
+    mount.typ().as_deref() == Some("bind") || mount.options().iter().flatten().any(|o| o == "bind" || o == "rbind")
+}
+
+/// Namespaces given by host paths become new ones in the guest (see [`rewrite_for_guest`]).
+fn drop_host_namespaces(spec: &mut Spec, id: &str) {
+    let Some(namespaces) = spec.linux_mut().as_mut().and_then(|linux| linux.namespaces_mut().as_mut()) else {
+        return;
+    };
+    for ns in namespaces.iter_mut() {
+        if let Some(path) = ns.path().clone() {
+            log::info!(
+                "container {id}: {} namespace {} is a host path; a new one in the guest instead",
+                ns.typ(),
+                path.display()
+            );
+            ns.set_path(None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn spec_of(value: Value) -> Spec {
+        serde_json::from_value(value).expect("a valid spec")
+    }
+
+    fn json_of(spec: &Spec) -> Value {
+        serde_json::to_value(spec).expect("encodes")
+    }
+
+    #[test]
+    fn spec_is_rewritten_for_the_guest_and_binds_are_shared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = dir.path().join("host");
+        std::fs::create_dir(&host).expect("mkdir");
+        std::fs::write(host.join("hosts"), "127.0.0.1 localhost\n").expect("write");
+        let container_dir = dir.path().join("shared/c1");
+        let mut spec = json!({
+            "root": {"path": "rootfs", "readonly": false},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": host.join("hosts"), "options": ["rbind", "ro"]},
+                {"destination": "/data", "source": host, "options": ["rbind"]},
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/whatever/shm", "options": ["rbind"]}
+            ]
+        });
+        spec["linux"] = json!({"namespaces": [
+            {"type": "mount"},
+            {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+            {"type": "network", "path": "/proc/4242/ns/net"}
+        ]});
+        let mut typed = spec_of(spec);
+        rewrite_for_guest(&mut typed, "c1", &container_dir).expect("shared");
+        let spec = json_of(&typed);
+        assert_eq!(spec["root"]["path"], "/run/nestbox/shared/c1/rootfs");
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "mount"}, {"type": "ipc"}, {"type": "network"}]),
+            "host namespace paths dropped"
+        );
+        assert_eq!(spec["mounts"][0]["source"], "proc");
+        assert_eq!(spec["mounts"][1]["source"], "/run/nestbox/shared/c1/mounts/1");
+        assert_eq!(spec["mounts"][2]["source"], "/run/nestbox/shared/c1/mounts/2");
+        assert_eq!(spec["mounts"][3]["type"], "tmpfs");
+        assert_eq!(std::fs::read_to_string(container_dir.join("mounts/1")).expect("bound"), "127.0.0.1 localhost\n");
+        assert!(container_dir.join("mounts/2/hosts").exists());
+        crate::sandbox::remove_dir(&container_dir).expect("cleanup");
+        assert!(mounts::mounts_under(dir.path()).expect("table").is_empty());
+
+        let mut relative = spec_of(json!({"mounts": [{"destination": "/x", "type": "bind", "source": "rel"}]}));
+        let err = rewrite_for_guest(&mut relative, "c2", &dir.path().join("c2")).expect_err("relative");
+        assert!(err.to_string().contains("/x"));
+    }
+
+    #[test]
+    fn a_spec_without_root_gets_only_the_guest_path() {
+        let mut spec = spec_of(json!({}));
+        rewrite_for_guest(&mut spec, "c1", Path::new("/nonexistent")).expect("nothing to share");
+        assert_eq!(json_of(&spec)["root"], json!({"path": "/run/nestbox/shared/c1/rootfs"}));
+    }
+
+    #[test]
+    fn annotations_and_root_are_read_leniently() {
+        let text = |v: Value| serde_json::to_vec(&v).expect("encodes");
+        let a = annotations_of(&text(json!({"annotations": {SANDBOX_ID_ANNOTATION: "pod", "n": 1}})));
+        assert_eq!(a.get(SANDBOX_ID_ANNOTATION).map(String::as_str), Some("pod"));
+        assert!(!a.contains_key("n"));
+        assert!(annotations_of(&text(json!([]))).is_empty());
+        assert!(annotations_of(b"not json").is_empty());
+        assert_eq!(pod_id(&a, "c1"), "pod");
+        assert_eq!(pod_id(&HashMap::new(), "c1"), "c1");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("rootfs")).expect("mkdir");
+        assert_eq!(root_dir(&spec_of(json!({})), dir.path()).expect("default rootfs"), dir.path().join("rootfs"));
+        assert!(root_dir(&spec_of(json!({"root": {"path": "missing"}})), dir.path()).is_err());
+    }
+}
