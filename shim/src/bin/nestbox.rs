@@ -5,10 +5,14 @@
 
 use clap::{Parser, Subcommand};
 use nestbox_shim::check::{self, Outcome};
-use nestbox_shim::config::{Config, VmSize, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+use nestbox_shim::config::{
+    Config, VmSize, ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS, CONFIG_ENV, DEFAULT_CONFIG_PATH, DEFAULT_MEMORY_MIB,
+};
 use nestbox_shim::sandbox::template;
 use nestbox_shim::shim::RUNTIME_ID;
+use std::collections::HashMap;
 use std::process::ExitCode;
+use std::time::Instant;
 
 /// Per-pod host memory beyond the guest's own: the VMM (a few MiB measured, see
 /// docs/benchmarks.md) and the shim, rounded up.
@@ -46,107 +50,118 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Check => {
-            let findings = check::run(Config::load());
-            let mut failed = false;
-            for f in &findings {
-                let mark = match f.outcome {
-                    Outcome::Ok => "ok  ",
-                    Outcome::Warn => "warn",
-                    Outcome::Fail => {
-                        failed = true;
-                        "FAIL"
-                    }
-                };
-                println!("{mark}  {:<16} {}", f.what, f.detail);
+        Command::Check => check_host(),
+        Command::Env => print_env(),
+        Command::Config => print_registration(),
+        Command::Template { vcpus, memory_mib, force } => make_template(vcpus, memory_mib, force),
+    }
+}
+
+/// `nestbox check`: one line per finding; failure if any finding failed.
+fn check_host() -> ExitCode {
+    let findings = check::run(Config::load());
+    let mut failed = false;
+    for f in &findings {
+        let mark = match f.outcome {
+            Outcome::Ok => "ok  ",
+            Outcome::Warn => "warn",
+            Outcome::Fail => {
+                failed = true;
+                "FAIL"
             }
-            if failed {
-                println!("\nthis host cannot run nestbox sandboxes yet: fix the FAIL lines above");
-                ExitCode::FAILURE
-            } else {
-                println!("\nthis host can run nestbox sandboxes");
-                ExitCode::SUCCESS
-            }
+        };
+        println!("{mark}  {:<16} {}", f.what, f.detail);
+    }
+    if failed {
+        println!("\nthis host cannot run nestbox sandboxes yet: fix the FAIL lines above");
+        ExitCode::FAILURE
+    } else {
+        println!("\nthis host can run nestbox sandboxes");
+        ExitCode::SUCCESS
+    }
+}
+
+/// `nestbox env`: the configuration in effect and where a sandbox's files go.
+fn print_env() -> ExitCode {
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("nestbox: {e}");
+            return ExitCode::FAILURE;
         }
-        Command::Env => match Config::load() {
-            Ok(config) => {
-                println!(
-                    "# nestbox {} (config file: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH})",
-                    env!("CARGO_PKG_VERSION")
-                );
-                print!("{}", config.describe());
-                println!("\n# paths of a sandbox <id>");
-                for (what, path) in [
-                    ("directory", "<id>/"),
-                    ("console log", "<id>/console.log"),
-                    ("VMM log", "<id>/vmm.log"),
-                    ("vsock socket", "<id>/vsock.sock"),
-                    ("shared dir", "<id>/shared/<container-id>/rootfs"),
-                ] {
-                    println!("# {what:<13} {}/{path}", config.sandboxes_dir.display());
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("nestbox: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Template { vcpus, memory_mib, force } => {
-            let made = Config::load().map_err(|e| e.to_string()).and_then(|config| {
-                let mut annotations = std::collections::HashMap::new();
-                if let Some(v) = vcpus {
-                    annotations.insert(nestbox_shim::config::ANNOTATION_VCPUS.to_string(), v.to_string());
-                }
-                if let Some(m) = memory_mib {
-                    annotations.insert(nestbox_shim::config::ANNOTATION_MEMORY_MIB.to_string(), m.to_string());
-                }
-                let size: VmSize = config.vm_size(&annotations).map_err(|e| e.to_string())?;
-                let started = std::time::Instant::now();
-                let dir = template::prepare(&config, size, force).map_err(|e| e.to_string())?;
-                Ok((dir, size, started.elapsed()))
-            });
-            match made {
-                Ok((dir, size, took)) => {
-                    println!(
-                        "template for {} vCPU(s), {} MiB: {} ({:.1} s)",
-                        size.vcpus,
-                        size.memory_mib,
-                        dir.display(),
-                        took.as_secs_f64()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("nestbox: template: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+    };
+    println!("# nestbox {} (config file: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH})", env!("CARGO_PKG_VERSION"));
+    print!("{}", config.describe());
+    println!("\n# paths of a sandbox <id>");
+    for (what, path) in [
+        ("directory", "<id>/"),
+        ("console log", "<id>/console.log"),
+        ("VMM log", "<id>/vmm.log"),
+        ("vsock socket", "<id>/vsock.sock"),
+        ("shared dir", "<id>/shared/<container-id>/rootfs"),
+    ] {
+        println!("# {what:<13} {}/{path}", config.sandboxes_dir.display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// `nestbox template`: makes (or with `force` remakes) the template of a pod shape.
+fn make_template(vcpus: Option<u8>, memory_mib: Option<u64>, force: bool) -> ExitCode {
+    let made = Config::load().map_err(|e| e.to_string()).and_then(|config| {
+        // The shape as a pod would ask for it, so the same defaults and checks apply.
+        let mut annotations = HashMap::new();
+        if let Some(v) = vcpus {
+            annotations.insert(ANNOTATION_VCPUS.to_string(), v.to_string());
         }
-        Command::Config => {
-            let memory = Config::load().map(|c| c.memory_mib).unwrap_or(nestbox_shim::config::DEFAULT_MEMORY_MIB);
-            print!(
-                "# containerd (/etc/containerd/config.toml, version 2): containerd then starts\n\
-                 # containerd-shim-nestbox-v2 from its PATH for pods of runtime class \"nestbox\".\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nestbox]\n\
-                 \x20 runtime_type = \"{RUNTIME_ID}\"\n\
-                 \x20 pod_annotations = [\"io.nestbox.*\"]\n\
-                 \n\
-                 # Kubernetes: kubectl apply -f - (pods opt in with runtimeClassName: nestbox).\n\
-                 # overhead: the guest's memory ({memory} MiB, hypervisor.memory_mib) and the VMM and shim.\n\
-                 ---\n\
-                 apiVersion: node.k8s.io/v1\n\
-                 kind: RuntimeClass\n\
-                 metadata:\n\
-                 \x20 name: nestbox\n\
-                 handler: nestbox\n\
-                 overhead:\n\
-                 \x20 podFixed:\n\
-                 \x20   memory: \"{}Mi\"\n\
-                 \x20   cpu: \"250m\"\n",
-                memory + POD_OVERHEAD_MIB
+        if let Some(m) = memory_mib {
+            annotations.insert(ANNOTATION_MEMORY_MIB.to_string(), m.to_string());
+        }
+        let size: VmSize = config.vm_size(&annotations).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let dir = template::prepare(&config, size, force).map_err(|e| e.to_string())?;
+        Ok((dir, size, started.elapsed()))
+    });
+    match made {
+        Ok((dir, size, took)) => {
+            println!(
+                "template for {} vCPU(s), {} MiB: {} ({:.1} s)",
+                size.vcpus,
+                size.memory_mib,
+                dir.display(),
+                took.as_secs_f64()
             );
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("nestbox: template: {e}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// `nestbox config`: the containerd stanza and the Kubernetes RuntimeClass.
+fn print_registration() -> ExitCode {
+    let memory = Config::load().map(|c| c.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
+    print!(
+        "# containerd (/etc/containerd/config.toml, version 2): containerd then starts\n\
+         # containerd-shim-nestbox-v2 from its PATH for pods of runtime class \"nestbox\".\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nestbox]\n\
+         \x20 runtime_type = \"{RUNTIME_ID}\"\n\
+         \x20 pod_annotations = [\"io.nestbox.*\"]\n\
+         \n\
+         # Kubernetes: kubectl apply -f - (pods opt in with runtimeClassName: nestbox).\n\
+         # overhead: the guest's memory ({memory} MiB, hypervisor.memory_mib) and the VMM and shim.\n\
+         ---\n\
+         apiVersion: node.k8s.io/v1\n\
+         kind: RuntimeClass\n\
+         metadata:\n\
+         \x20 name: nestbox\n\
+         handler: nestbox\n\
+         overhead:\n\
+         \x20 podFixed:\n\
+         \x20   memory: \"{}Mi\"\n\
+         \x20   cpu: \"250m\"\n",
+        memory + POD_OVERHEAD_MIB
+    );
+    ExitCode::SUCCESS
 }

@@ -241,24 +241,7 @@ impl Sandbox {
         // refused restore, say, before a cold boot) is that start's error, not the pod's.
         let armed = Arc::new(AtomicBool::new(false));
         let console = ConsoleTail::default();
-        let on_exit = {
-            let (stopping, armed) = (stopping.clone(), armed.clone());
-            let console = console.clone();
-            let on_vmm_exit = on_vmm_exit.clone();
-            let id = id.to_string();
-            Box::new(move |status: ExitStatus| {
-                console.stop.store(true, Ordering::Release);
-                let handler = if armed.load(Ordering::SeqCst) && !stopping.load(Ordering::Acquire) {
-                    on_vmm_exit.lock().unwrap_or_else(|e| e.into_inner()).take()
-                } else {
-                    None
-                };
-                match handler {
-                    Some(handler) => handler(status),
-                    None => log::info!("sandbox {id}: VMM ended ({status})"),
-                }
-            })
-        };
+        let on_exit = exit_handler(id, &stopping, &armed, &console, &on_vmm_exit);
         log::info!("sandbox {id}: starting {:?}", spec.command());
         let started = Instant::now();
         let vmm = Vmm::spawn(spec, on_exit)?;
@@ -280,39 +263,44 @@ impl Sandbox {
             }
         };
         let sandbox = Sandbox { id: id.to_string(), paths, vmm, agent, stopping, console };
-        let hostname: String = id.chars().take(12).collect();
         let how = if spec.restore.is_some() { "restored" } else { "booted" };
-        match sandbox.agent.version().and_then(|v| {
-            log::info!(
-                "sandbox {id}: VM {how}: agent {} on guest kernel {} answered {:.3} s after the VMM started",
-                v.agent_version,
-                v.kernel_release,
-                started.elapsed().as_secs_f64()
-            );
-            sandbox.agent.create_sandbox(id, &hostname)
-        }) {
-            Ok(()) => {
-                armed.store(true, Ordering::SeqCst);
-                // A VMM that ended before it was armed was not reported by its exit
-                // handler: this start fails instead (taking the handler makes sure no
-                // report follows).
-                if let Some(status) = sandbox.vmm.exit_status() {
-                    if on_vmm_exit.lock().unwrap_or_else(|e| e.into_inner()).take().is_some() {
-                        sandbox.stopping.store(true, Ordering::Release);
-                        return Err(SandboxError::VmmExited {
-                            status: status.to_string(),
-                            details: sandbox.console.last_lines(),
-                        });
-                    }
-                }
-                log::info!("sandbox {id}: ready {:.3} s after the VMM started", started.elapsed().as_secs_f64());
-                Ok(sandbox)
-            }
+        match sandbox.greet(how, started) {
+            Ok(()) => sandbox.arm(&armed, &on_vmm_exit, started),
             Err(e) => {
                 fail(&sandbox.vmm, &sandbox.stopping);
                 Err(e.into())
             }
         }
+    }
+
+    /// Asks the agent for its version (logged with how long the VM took) and gives the
+    /// guest its identity (CreateSandbox).
+    fn greet(&self, how: &str, started: Instant) -> Result<(), AgentError> {
+        let id = &self.id;
+        let v = self.agent.version()?;
+        log::info!(
+            "sandbox {id}: VM {how}: agent {} on guest kernel {} answered {:.3} s after the VMM started",
+            v.agent_version,
+            v.kernel_release,
+            started.elapsed().as_secs_f64()
+        );
+        let hostname: String = id.chars().take(12).collect();
+        self.agent.create_sandbox(id, &hostname)
+    }
+
+    /// Makes this VMM the pod's: from now on its exit goes to the pod's handler.
+    fn arm(self, armed: &AtomicBool, on_vmm_exit: &ExitHandler, started: Instant) -> Result<Sandbox, SandboxError> {
+        armed.store(true, Ordering::SeqCst);
+        // A VMM that ended before it was armed was not reported by its exit handler: this
+        // start fails instead (taking the handler makes sure no report follows).
+        if let Some(status) = self.vmm.exit_status() {
+            if on_vmm_exit.lock().unwrap_or_else(|e| e.into_inner()).take().is_some() {
+                self.stopping.store(true, Ordering::Release);
+                return Err(SandboxError::VmmExited { status: status.to_string(), details: self.console.last_lines() });
+            }
+        }
+        log::info!("sandbox {}: ready {:.3} s after the VMM started", self.id, started.elapsed().as_secs_f64());
+        Ok(self)
     }
 
     pub fn agent(&self) -> &Agent {
@@ -355,6 +343,34 @@ impl Sandbox {
     pub fn console_tail(&self) -> String {
         self.console.last_lines()
     }
+}
+
+/// What the VMM's supervisor runs when the VMM ends: the console stops being followed, and
+/// the pod's handler runs if this VMM serves the pod (`armed`) and was not stopped on
+/// purpose (`stopping`); otherwise the end is only logged.
+fn exit_handler(
+    id: &str,
+    stopping: &Arc<AtomicBool>,
+    armed: &Arc<AtomicBool>,
+    console: &ConsoleTail,
+    on_vmm_exit: &ExitHandler,
+) -> Box<dyn FnOnce(ExitStatus) + Send> {
+    let (stopping, armed) = (stopping.clone(), armed.clone());
+    let console = console.clone();
+    let on_vmm_exit = on_vmm_exit.clone();
+    let id = id.to_string();
+    Box::new(move |status: ExitStatus| {
+        console.stop.store(true, Ordering::Release);
+        let handler = if armed.load(Ordering::SeqCst) && !stopping.load(Ordering::Acquire) {
+            on_vmm_exit.lock().unwrap_or_else(|e| e.into_inner()).take()
+        } else {
+            None
+        };
+        match handler {
+            Some(handler) => handler(status),
+            None => log::info!("sandbox {id}: VMM ended ({status})"),
+        }
+    })
 }
 
 /// Connects to the agent until `deadline`, giving up at once when the VMM exits.
