@@ -13,6 +13,7 @@
 //! each VMM (default 2), `--no-qemu`.
 
 use nestbox_vmm::arch::x86_64::{boot::kernel_cmdline, cpuid::CpuTemplate};
+use nestbox_vmm::util::monotonic_ns;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,13 +22,6 @@ use std::time::{Duration, Instant};
 const VMM: &str = env!("CARGO_BIN_EXE_nestbox-vmm");
 const MEMORY_MIB: u64 = 128;
 const READY_MARK: &str = ": ready, guest kernel ";
-
-fn monotonic_ns() -> u128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
-}
 
 fn guest_dir() -> PathBuf {
     std::env::var_os("NESTBOX_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| "/usr/local/share/nestbox".into())
@@ -117,6 +111,24 @@ fn resident_kib(pid: u32) -> (u64, u64) {
     (own, guest)
 }
 
+/// The host line of the report: CPU model, CPU count, kernel, kind of KVM.
+fn print_host(template: CpuTemplate) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!(
+        "Host: {cpu}, {} CPUs, kernel {}, KVM {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        if template == CpuTemplate::Pvm { "software-nested (kvm_pvm)" } else { "hardware" }
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let option = |name: &str, default: usize| {
@@ -164,20 +176,7 @@ fn main() {
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    println!(
-        "Host: {cpu}, {} CPUs, kernel {}, KVM {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        if template == CpuTemplate::Pvm { "software-nested (kvm_pvm)" } else { "hardware" }
-    );
+    print_host(template);
     println!("Guest: 1 vCPU, {MEMORY_MIB} MiB, cmdline `{cmdline}`\n");
     println!("| figure | value | target |");
     println!("|---|---|---|");

@@ -3,24 +3,40 @@
 //! `snapshot <dir>` (the VMM ends after writing it), `shutdown`.
 //!
 //! Deliberately small (no HTTP): its only client is the shim on the same host, and every
-//! request is one verb.
+//! request is one verb. This module is the top of the crate: it parses the protocol and
+//! reaches the VM only through a [`VmControl`].
 
-use crate::machine::{Request, VmEvent};
+use crate::vmm::{ControlError, Request, VmControl};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
-use std::sync::mpsc::{channel, Sender};
+use std::path::{Path, PathBuf};
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 4096;
 
+/// Parses one line of the control protocol.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let mut words = line.split_whitespace();
+    let request = match (words.next(), words.next()) {
+        (Some("pause"), None) => Request::Pause,
+        (Some("resume"), None) => Request::Resume,
+        (Some("snapshot"), Some(dir)) => Request::Snapshot(PathBuf::from(dir)),
+        (Some("shutdown"), None) => Request::Shutdown,
+        _ => return Err(format!("unknown request {line:?} (pause, resume, snapshot DIR, shutdown)")),
+    };
+    match words.next() {
+        None => Ok(request),
+        Some(extra) => Err(format!("unexpected {extra:?} after the request")),
+    }
+}
+
 /// Binds `path` and serves requests on a thread of their own.
-pub fn serve(path: &Path, events: Sender<VmEvent>) -> std::io::Result<()> {
+pub fn serve(path: &Path, vm: VmControl) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new().name("api".into()).spawn(move || {
         for stream in listener.incoming().flatten() {
-            if !answer(stream, &events) {
+            if !answer(stream, &vm) {
                 return;
             }
         }
@@ -29,20 +45,19 @@ pub fn serve(path: &Path, events: Sender<VmEvent>) -> std::io::Result<()> {
 }
 
 /// Serves one connection; false once the VMM no longer takes requests.
-fn answer(stream: UnixStream, events: &Sender<VmEvent>) -> bool {
+fn answer(stream: UnixStream, vm: &VmControl) -> bool {
     let mut line = String::new();
     let mut reader = BufReader::new((&stream).take(MAX_LINE));
     if reader.read_line(&mut line).is_err() {
         return true;
     }
-    let result = match Request::parse(&line) {
-        Ok(request) => {
-            let (reply, answer) = channel();
-            if events.send(VmEvent::Request(request, reply)).is_err() {
-                return false;
-            }
-            answer.recv().unwrap_or_else(|_| Err("the VMM is stopping".into()))
-        }
+    let result = match parse_request(&line) {
+        Ok(request) => match vm.request(request) {
+            Err(ControlError::Closed) => return false,
+            Err(ControlError::Failed(reason)) => Err(reason),
+            Err(stopping @ ControlError::Stopping) => Err(stopping.to_string()),
+            Ok(()) => Ok(()),
+        },
         Err(e) => Err(e),
     };
     let text = match result {
@@ -51,4 +66,21 @@ fn answer(stream: UnixStream, events: &Sender<VmEvent>) -> bool {
     };
     let _ = (&stream).write_all(text.as_bytes());
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        assert_eq!(parse_request("pause\n"), Ok(Request::Pause));
+        assert_eq!(parse_request(" resume "), Ok(Request::Resume));
+        assert_eq!(parse_request("snapshot /tmp/t"), Ok(Request::Snapshot("/tmp/t".into())));
+        assert_eq!(parse_request("shutdown"), Ok(Request::Shutdown));
+        assert!(parse_request("snapshot").is_err());
+        assert!(parse_request("pause now").is_err());
+        assert!(parse_request("reboot").is_err());
+        assert!(parse_request("").is_err());
+    }
 }

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use nestbox_vmm::arch::x86_64::cpuid::CpuTemplate;
 use nestbox_vmm::config::{self, FileConfig, VmConfig};
-use nestbox_vmm::{build_and_start, restore_and_start, snapshot, RunOptions, VmExit};
+use nestbox_vmm::{api, build_and_start, restore_and_start, snapshot, RunOptions, VmExit};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -102,8 +102,8 @@ fn run(cli: Cli) -> anyhow::Result<VmExit> {
     };
     let host_memory = config::host_memory_mib().context("reading the host's memory size")?;
     let mut settings = file.merge(cli.settings());
-    let options = RunOptions { boot_timestamps: cli.boot_timestamps, api_socket: cli.api_socket.clone() };
-    let vmm = match &cli.restore {
+    let options = RunOptions { boot_timestamps: cli.boot_timestamps };
+    let mut vmm = match &cli.restore {
         None => build_and_start(&VmConfig::build(settings, host_memory)?, options)?,
         Some(dir) => {
             let state = snapshot::read_state(dir)?;
@@ -112,6 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<VmExit> {
             restore_and_start(&VmConfig::build(settings, host_memory)?, dir, state, options)?
         }
     };
+    if let Some(path) = &cli.api_socket {
+        api::serve(path, vmm.control()).with_context(|| format!("control API socket {}", path.display()))?;
+        vmm.remove_on_exit(path.clone());
+    }
     Ok(vmm.wait())
 }
 

@@ -1,4 +1,5 @@
-//! KVM objects: the KVM handle, the VM with its memory and interrupt controllers, vCPUs.
+//! KVM objects: the KVM handle, guest memory, the VM with its interrupt controllers, and
+//! vCPUs. The VM and vCPUs keep their saved state in a `persist` module beside them.
 
 pub mod kvm;
 pub mod memory;

@@ -1,8 +1,9 @@
 //! The guest's console: a 16550A UART (vm-superio) at COM1, its output written to
 //! stdout or a file, its interrupt delivered through an irqfd.
 
-use super::super::bus::BusDevice;
-use crate::snapshot::state::SerialState;
+pub mod persist;
+
+use crate::devices::bus::BusDevice;
 use std::io::Write;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -33,41 +34,6 @@ impl SerialConsole {
 }
 
 impl SerialConsole {
-    pub fn save_state(&self) -> SerialState {
-        let s = self.uart.state();
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-
-    /// A console in the state a snapshot saved, writing to `out`.
-    pub fn from_state(state: &SerialState, irq: EventFd, out: Box<dyn Write + Send>) -> std::io::Result<SerialConsole> {
-        let saved = vm_superio::serial::SerialState {
-            baud_divisor_low: state.baud_divisor_low,
-            baud_divisor_high: state.baud_divisor_high,
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer.clone(),
-        };
-        let uart = Serial::from_state(&saved, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
-            .map_err(|e| std::io::Error::other(format!("serial state: {e:?}")))?;
-        Ok(SerialConsole { uart })
-    }
-
     /// Pushes out anything the output buffers.
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();

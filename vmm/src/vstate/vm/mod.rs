@@ -1,10 +1,8 @@
 //! The KVM VM: memory slots, in-kernel irqchip (PIC, I/O APIC, local APICs) and PIT.
 
-use crate::snapshot::state::VmState;
-use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
-};
+pub mod persist;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -48,33 +46,4 @@ pub fn create(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
         unsafe { vm.set_user_memory_region(memory_region) }.map_err(|source| VmError::MemoryRegion { slot, source })?;
     }
     Ok(vm)
-}
-
-/// The in-kernel interrupt controllers, timer and clock of a (paused) VM.
-pub fn save_state(vm: &VmFd) -> Result<VmState, kvm_ioctls::Error> {
-    let chip = |chip_id| -> Result<kvm_irqchip, kvm_ioctls::Error> {
-        let mut chip = kvm_irqchip { chip_id, ..Default::default() };
-        vm.get_irqchip(&mut chip)?;
-        Ok(chip)
-    };
-    Ok(VmState {
-        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-        pit: vm.get_pit2()?,
-        clock: vm.get_clock()?,
-    })
-}
-
-/// Puts saved interrupt controller, timer and clock state into a VM made by [`create`].
-pub fn restore_state(vm: &VmFd, state: &VmState) -> Result<(), kvm_ioctls::Error> {
-    vm.set_irqchip(&state.pic_master)?;
-    vm.set_irqchip(&state.pic_slave)?;
-    vm.set_irqchip(&state.ioapic)?;
-    vm.set_pit2(&state.pit)?;
-    // The guest's clock continues from where it stopped, not from the host's time now;
-    // only the flags KVM accepts on SET_CLOCK are kept.
-    let clock = kvm_clock_data { clock: state.clock.clock, flags: 0, ..Default::default() };
-    vm.set_clock(&clock)?;
-    Ok(())
 }

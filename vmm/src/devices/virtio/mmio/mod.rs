@@ -1,9 +1,10 @@
 //! The virtio-mmio transport, version 2 ("modern"): one 4 KiB register window per device,
 //! declared to the guest kernel on its command line (`virtio_mmio.device=4K@ADDR:IRQ`).
 
+pub mod persist;
+
 use super::{ActiveQueues, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
-use crate::snapshot::state::{QueueState, TransportState};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -250,83 +251,6 @@ impl MmioTransport {
         if self.active {
             self.device.reset();
         }
-    }
-
-    /// The registers and queue configuration, for a snapshot (after [`Self::quiesce`]).
-    pub fn save_state(&self) -> TransportState {
-        TransportState {
-            device_type: self.device.device_type(),
-            status: self.status,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            acked_features: self.acked_features,
-            queue_sel: self.queue_sel,
-            config_generation: self.config_generation,
-            interrupt_status: self.interrupt.status(),
-            active: self.active,
-            queues: self
-                .queues
-                .iter()
-                .map(|q| QueueState {
-                    max_size: q.max_size(),
-                    size: q.size(),
-                    ready: q.ready(),
-                    desc_table: q.desc_table(),
-                    avail_ring: q.avail_ring(),
-                    used_ring: q.used_ring(),
-                    event_idx: q.event_idx_enabled(),
-                })
-                .collect(),
-        }
-    }
-
-    /// Puts saved registers and queues back and, if the device was running, starts it
-    /// again where it stopped (ring positions from the used rings in guest memory).
-    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), String> {
-        if state.device_type != self.device.device_type() || state.queues.len() != self.queues.len() {
-            return Err(format!(
-                "snapshot has device type {} with {} queues here, this VM has type {} with {}",
-                state.device_type,
-                state.queues.len(),
-                self.device.device_type(),
-                self.queues.len()
-            ));
-        }
-        for (q, saved) in self.queues.iter_mut().zip(&state.queues) {
-            if saved.max_size != q.max_size() {
-                return Err(format!("queue size {} in the snapshot, {} here", saved.max_size, q.max_size()));
-            }
-            q.set_size(saved.size);
-            q.set_desc_table_address(Some(saved.desc_table as u32), Some((saved.desc_table >> 32) as u32));
-            q.set_avail_ring_address(Some(saved.avail_ring as u32), Some((saved.avail_ring >> 32) as u32));
-            q.set_used_ring_address(Some(saved.used_ring as u32), Some((saved.used_ring >> 32) as u32));
-            q.set_event_idx(saved.event_idx);
-            q.set_ready(saved.ready);
-            if saved.ready {
-                let used =
-                    q.used_idx(&self.memory, std::sync::atomic::Ordering::Acquire).map_err(|e| format!("{e:?}"))?;
-                q.set_next_avail(used.0);
-                q.set_next_used(used.0);
-            }
-        }
-        self.status = state.status;
-        self.device_features_sel = state.device_features_sel;
-        self.driver_features_sel = state.driver_features_sel;
-        self.acked_features = state.acked_features;
-        self.queue_sel = state.queue_sel;
-        self.config_generation = state.config_generation;
-        if state.interrupt_status != 0 {
-            // The guest had not acknowledged an interrupt yet: raise it again.
-            let _ = self.interrupt.signal(state.interrupt_status);
-        }
-        if state.active {
-            self.device.restored();
-            self.activate();
-            if !self.active {
-                return Err("the device did not start again".into());
-            }
-        }
-        Ok(())
     }
 
     fn reset(&mut self) {

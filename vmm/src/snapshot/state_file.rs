@@ -1,0 +1,67 @@
+//! The state file: a magic, the format version, the length of the bincode-encoded
+//! [`MicrovmState`], the payload, and an FNV-1a checksum of it; written atomically.
+
+use super::{io_err, MicrovmState, SnapshotError, FORMAT_VERSION, STATE_FILE};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+const MAGIC: &[u8; 8] = b"NBXSNAP\0";
+
+fn fnv64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Writes the state file atomically (a reader never sees half of one).
+pub fn write_state(dir: &Path, state: &MicrovmState) -> Result<(), SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let payload = bincode::serialize(state)
+        .map_err(|e| SnapshotError::Invalid { path: path.clone(), reason: format!("encoding: {e}") })?;
+    let mut bytes = Vec::with_capacity(payload.len() + 28);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(&fnv64(&payload).to_le_bytes());
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// Reads and checks the state file: a foreign, truncated, corrupt or other-version file
+/// is an error naming what is wrong.
+pub fn read_state(dir: &Path) -> Result<MicrovmState, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let mut bytes = Vec::new();
+    File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(&path))?;
+    let invalid = |reason: String| SnapshotError::Invalid { path: path.clone(), reason };
+    if bytes.len() < 20 || &bytes[..8] != MAGIC {
+        return Err(invalid("not a nestbox snapshot state file".into()));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
+    if version != FORMAT_VERSION {
+        return Err(invalid(format!("format version {version}, this VMM reads version {FORMAT_VERSION}")));
+    }
+    let len = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default()) as usize;
+    if bytes.len() != 20 + len + 8 {
+        return Err(invalid(format!("truncated or padded: {} bytes, the header says {}", bytes.len(), 20 + len + 8)));
+    }
+    let payload = &bytes[20..20 + len];
+    let sum = u64::from_le_bytes(bytes[20 + len..].try_into().unwrap_or_default());
+    if fnv64(payload) != sum {
+        return Err(invalid("checksum mismatch: the file is corrupt".into()));
+    }
+    bincode::deserialize(payload).map_err(|e| invalid(format!("decoding: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_is_stable() {
+        assert_eq!(fnv64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_ne!(fnv64(b"a"), fnv64(b"b"));
+    }
+}
