@@ -20,6 +20,11 @@ pub enum AgentError {
     Internal(String),
 }
 
+/// An [`AgentError::InvalidArgument`] saying what is wrong with the request.
+pub fn invalid(msg: impl Into<String>) -> AgentError {
+    AgentError::InvalidArgument(msg.into())
+}
+
 impl AgentError {
     /// An internal error with what was being done.
     pub fn internal(what: &str, err: impl std::fmt::Display) -> Self {

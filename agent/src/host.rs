@@ -84,7 +84,7 @@ pub fn run(socket: &Path, io_socket: &Path) -> anyhow::Result<()> {
     let serving = crate::serve::start(&address, false, sandbox.clone())?;
     println!(
         "nestbox-agent {}: listening on {address} (host mode), I/O on unix://{}",
-        crate::VERSION,
+        crate::rpc::VERSION,
         io_socket.display()
     );
 

@@ -48,7 +48,7 @@ pub fn run() -> ! {
         eprintln!("nestbox-agent: fatal: {e:#}");
         reboot();
     }
-    println!("nestbox-agent {}: ready, guest kernel {}", crate::VERSION, crate::rpc::kernel_release());
+    println!("nestbox-agent {}: ready, guest kernel {}", crate::rpc::VERSION, crate::rpc::kernel_release());
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if cmdline.split_whitespace().any(|p| p == SELFTEST_PARAM) {

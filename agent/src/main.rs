@@ -33,8 +33,6 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
 const USAGE: &str = "\
 usage: nestbox-agent                                  (as PID 1 of a nestbox guest)
        nestbox-agent --listen unix:///path/agent.sock [--io-listen unix:///path/io.sock]
@@ -106,7 +104,7 @@ fn main() -> ExitCode {
     let command = if is_init { Ok(Command::Init) } else { parse_args(std::env::args_os().skip(1)) };
     match command {
         Ok(Command::Version) => {
-            println!("nestbox-agent {VERSION}");
+            println!("nestbox-agent {}", rpc::VERSION);
             ExitCode::SUCCESS
         }
         Ok(Command::Help) => {

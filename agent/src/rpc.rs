@@ -15,6 +15,9 @@ use nestbox_protocols::types::{self, Empty};
 use crate::error::AgentError;
 use crate::sandbox::Sandbox;
 
+/// The agent's version, answered by the Version call and printed at start.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 pub struct AgentRpc {
     /// Running as the guest's init (PID 1) rather than in host mode.
     init_daemon: bool,
@@ -55,7 +58,7 @@ impl AgentService for AgentRpc {
 
     fn version(&self, _ctx: &TtrpcContext, _req: agent::VersionRequest) -> ttrpc::Result<agent::VersionResponse> {
         let mut resp = agent::VersionResponse::new();
-        resp.agent_version = crate::VERSION.to_string();
+        resp.agent_version = VERSION.to_string();
         resp.kernel_release = kernel_release();
         resp.init_daemon = self.init_daemon;
         Ok(resp)

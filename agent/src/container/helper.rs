@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::unistd::{Gid, Uid};
-use oci_spec::runtime::{LinuxNamespaceType, PosixRlimit, PosixRlimitType, Process, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, PosixRlimit, PosixRlimitType, Process, Spec};
 
 use super::spawn::{self, HelperConfig, Mode, Report, CONTROL_FD, PIDFD_FD};
 use super::{caps, mounts, seccomp};
@@ -40,12 +40,9 @@ pub fn main() -> ! {
     std::process::exit(1)
 }
 
+/// The helper's steps, in order; each returns with the reason it failed.
 fn run(control: &mut File) -> Result<std::convert::Infallible> {
-    // No other process (the container's included) may ptrace this one or open its
-    // /proc/<pid>/exe (the agent binary) while it runs as root in the container's PID
-    // namespace: the runc CVE-2019-5736 pattern. The final exec resets this.
-    // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    make_non_dumpable();
     let config: HelperConfig =
         spawn::recv(control).context("reading the configuration")?.ok_or_else(|| anyhow!("agent went away"))?;
     let spec: Spec = serde_json::from_str(&config.spec_json).context("parsing the spec")?;
@@ -59,63 +56,115 @@ fn run(control: &mut File) -> Result<std::convert::Infallible> {
     let filter = seccomp_profile.map(seccomp::compile).transpose()?;
 
     match &config.mode {
-        Mode::Create => {
-            let spec = &spec;
-            let linux = spec.linux().as_ref();
-            let namespaces = linux.and_then(|l| l.namespaces().as_ref());
-            for ns in namespaces.into_iter().flatten() {
-                let Some(path) = ns.path() else { continue };
-                let flag = match ns.typ() {
-                    LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
-                    LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
-                    LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
-                    _ => continue, // refused or ignored by the agent's validation
-                };
-                let file = File::open(path).with_context(|| format!("opening namespace {}", path.display()))?;
-                nix::sched::setns(file, nix::sched::CloneFlags::from_bits_truncate(flag))
-                    .with_context(|| format!("joining namespace {}", path.display()))?;
-            }
-            // The agent moved this process into the container's cgroup before sending the
-            // configuration: a new cgroup namespace is rooted there.
-            if namespaces.into_iter().flatten().any(|n| n.typ() == LinuxNamespaceType::Cgroup && n.path().is_none()) {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).context("new cgroup namespace")?;
-            }
-            let root = spec.root().as_ref().ok_or_else(|| anyhow!("the spec has no root"))?;
-            mounts::setup_rootfs(spec, root.path()).context("setting up the root file system")?;
-            let has_uts = namespaces.into_iter().flatten().any(|n| n.typ() == LinuxNamespaceType::Uts);
-            if let (Some(hostname), true) = (spec.hostname(), has_uts) {
-                nix::unistd::sethostname(hostname).context("setting the hostname")?;
-            }
-            if let (Some(domain), true) = (spec.domainname(), has_uts) {
-                let name = CString::new(domain.as_str()).context("domainname")?;
-                // SAFETY: a valid pointer and its length.
-                if unsafe { libc::setdomainname(name.as_ptr(), domain.len()) } != 0 {
-                    return Err(std::io::Error::last_os_error()).context("setting the domain name");
-                }
-            }
-            for (key, value) in linux.and_then(|l| l.sysctl().as_ref()).into_iter().flatten() {
-                let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-                std::fs::write(&path, value).with_context(|| format!("sysctl {key}={value}"))?;
-            }
-        }
-        Mode::Exec { namespaces } => {
-            if *namespaces != 0 {
-                // SAFETY: setns with the pidfd the agent placed on PIDFD_FD; this process
-                // is single-threaded, as joining a mount namespace requires.
-                if unsafe { libc::setns(PIDFD_FD, *namespaces) } != 0 {
-                    return Err(std::io::Error::last_os_error()).context("joining the container's namespaces");
-                }
-            }
-            // SAFETY: closing our own descriptor, not used after this.
-            unsafe { libc::close(PIDFD_FD) };
+        Mode::Create => build_container(&spec)?,
+        Mode::Exec { namespaces } => join_container(*namespaces)?,
+    }
+    start_session(process)?;
+    for rlimit in process.rlimits().iter().flatten() {
+        set_rlimit(rlimit)?;
+    }
+    drop_privileges(process, filter.as_deref(), no_new_privs)?;
+    let program = Program::find(process)?;
+
+    spawn::send(control, &Report::Ready).context("reporting ready")?;
+    let mut start = [0u8; 1];
+    control.read_exact(&mut start).context("waiting for the start")?;
+
+    if no_new_privs {
+        set_no_new_privs()?;
+        if let Some(filter) = &filter {
+            seccomp::install(filter).context("installing the seccomp filter")?;
         }
     }
+    reset_signals();
+    program.exec()
+}
 
+/// No other process (the container's included) may ptrace this one or open its
+/// /proc/<pid>/exe (the agent binary) while it runs as root in the container's PID
+/// namespace: the runc CVE-2019-5736 pattern. The final exec resets this.
+fn make_non_dumpable() {
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+}
+
+/// A new container, built from its spec while still root: namespaces given by path
+/// joined, the root file system set up (mounts, pivot), hostname, domain name, sysctls.
+fn build_container(spec: &Spec) -> Result<()> {
+    let linux = spec.linux().as_ref();
+    let namespaces: &[LinuxNamespace] = linux.and_then(|l| l.namespaces().as_deref()).unwrap_or_default();
+    join_namespaces(namespaces)?;
+    let root = spec.root().as_ref().ok_or_else(|| anyhow!("the spec has no root"))?;
+    mounts::setup_rootfs(spec, root.path()).context("setting up the root file system")?;
+    if namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Uts) {
+        set_host_names(spec)?;
+    }
+    for (key, value) in linux.and_then(|l| l.sysctl().as_ref()).into_iter().flatten() {
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        std::fs::write(&path, value).with_context(|| format!("sysctl {key}={value}"))?;
+    }
+    Ok(())
+}
+
+/// Joins the IPC, UTS and cgroup namespaces the spec names by path (the agent refused any
+/// other kind), then makes a new cgroup namespace if one is asked for without a path.
+fn join_namespaces(namespaces: &[LinuxNamespace]) -> Result<()> {
+    for ns in namespaces {
+        let Some(path) = ns.path() else { continue };
+        let flag = match ns.typ() {
+            LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
+            LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
+            LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+            _ => continue, // refused or ignored by the agent's validation
+        };
+        let file = File::open(path).with_context(|| format!("opening namespace {}", path.display()))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::from_bits_truncate(flag))
+            .with_context(|| format!("joining namespace {}", path.display()))?;
+    }
+    // The agent moved this process into the container's cgroup before sending the
+    // configuration: a new cgroup namespace is rooted there.
+    if namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup && n.path().is_none()) {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).context("new cgroup namespace")?;
+    }
+    Ok(())
+}
+
+/// The spec's hostname and domain name, set in the container's own UTS namespace.
+fn set_host_names(spec: &Spec) -> Result<()> {
+    if let Some(hostname) = spec.hostname() {
+        nix::unistd::sethostname(hostname).context("setting the hostname")?;
+    }
+    if let Some(domain) = spec.domainname() {
+        let name = CString::new(domain.as_str()).context("domainname")?;
+        // SAFETY: a valid pointer and its length.
+        if unsafe { libc::setdomainname(name.as_ptr(), domain.len()) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setting the domain name");
+        }
+    }
+    Ok(())
+}
+
+/// An exec: joins the running container's namespaces (`namespaces`, clone flags) through
+/// the pidfd of its init that the agent placed on [`PIDFD_FD`].
+fn join_container(namespaces: i32) -> Result<()> {
+    if namespaces != 0 {
+        // SAFETY: setns with the pidfd the agent placed on PIDFD_FD; this process
+        // is single-threaded, as joining a mount namespace requires.
+        if unsafe { libc::setns(PIDFD_FD, namespaces) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("joining the container's namespaces");
+        }
+    }
+    // SAFETY: closing our own descriptor, not used after this.
+    unsafe { libc::close(PIDFD_FD) };
+    Ok(())
+}
+
+/// oom_score_adj, then a session of its own (signals to the agent's process group stay
+/// there), with the terminal, if any, as its controlling terminal.
+fn start_session(process: &Process) -> Result<()> {
     if let Some(score) = process.oom_score_adj() {
         std::fs::write("/proc/self/oom_score_adj", score.to_string()).context("setting oom_score_adj")?;
     }
-    // A session of its own (signals to the agent's process group stay there), with the
-    // terminal, if any, as its controlling terminal.
     nix::unistd::setsid().context("setsid")?;
     if process.terminal().unwrap_or(false) {
         // SAFETY: ioctl on stdin, which the agent made the pty's slave end.
@@ -123,10 +172,13 @@ fn run(control: &mut File) -> Result<std::convert::Infallible> {
             return Err(std::io::Error::last_os_error()).context("making the terminal the controlling terminal");
         }
     }
-    for rlimit in process.rlimits().iter().flatten() {
-        set_rlimit(rlimit)?;
-    }
-    if let (Some(filter), false) = (&filter, no_new_privs) {
+    Ok(())
+}
+
+/// From root to the process's user and capabilities. Without no_new_privs the seccomp
+/// filter goes in first: installing it then needs CAP_SYS_ADMIN, gone after the drop.
+fn drop_privileges(process: &Process, filter: Option<&[seccomp::Insn]>, no_new_privs: bool) -> Result<()> {
+    if let (Some(filter), false) = (filter, no_new_privs) {
         seccomp::install(filter).context("installing the seccomp filter")?;
     }
     if let Some(c) = process.capabilities() {
@@ -136,37 +188,48 @@ fn run(control: &mut File) -> Result<std::convert::Infallible> {
     if let Some(c) = process.capabilities() {
         caps::set(c).context("setting capabilities")?;
     }
+    Ok(())
+}
 
-    // The working directory and the program are found before reporting ready, as runc
-    // does: a missing program fails the create (and containerd cleans up), not the start.
-    let cwd = if process.cwd().as_os_str().is_empty() { Path::new("/") } else { process.cwd().as_path() };
-    nix::unistd::chdir(cwd).with_context(|| format!("cwd {}", cwd.display()))?;
-    let env: Vec<String> = process.env().clone().unwrap_or_default();
-    let (path, argv) = command(process, &env)?;
-    let envp = to_cstrings(env.iter().map(String::as_str))?;
-
-    spawn::send(control, &Report::Ready).context("reporting ready")?;
-    let mut start = [0u8; 1];
-    control.read_exact(&mut start).context("waiting for the start")?;
-
-    if no_new_privs {
-        // SAFETY: prctl with integer arguments only.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setting no_new_privs");
-        }
-        if let Some(filter) = &filter {
-            seccomp::install(filter).context("installing the seccomp filter")?;
-        }
+fn set_no_new_privs() -> Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting no_new_privs");
     }
-    reset_signals();
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-    envp_ptrs.push(std::ptr::null());
-    // SAFETY: NUL-terminated strings and NULL-terminated arrays that outlive the call.
-    unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
-    // Still here: the exec failed and the control socket is still open for the report.
-    Err(std::io::Error::last_os_error()).with_context(|| format!("executing {:?}", path))
+    Ok(())
+}
+
+/// The program to execute, found (with the working directory entered) before the helper
+/// reports ready, as runc does: a missing program fails the create (and containerd cleans
+/// up), not the start.
+struct Program {
+    path: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+impl Program {
+    fn find(process: &Process) -> Result<Program> {
+        let cwd = if process.cwd().as_os_str().is_empty() { Path::new("/") } else { process.cwd().as_path() };
+        nix::unistd::chdir(cwd).with_context(|| format!("cwd {}", cwd.display()))?;
+        let env: Vec<String> = process.env().clone().unwrap_or_default();
+        let (path, argv) = command(process, &env)?;
+        let envp = to_cstrings(env.iter().map(String::as_str))?;
+        Ok(Program { path, argv, envp })
+    }
+
+    /// Replaces the helper by the program; returns only with the reason the exec failed.
+    fn exec(self) -> Result<std::convert::Infallible> {
+        let Program { path, argv, envp } = self;
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+        envp_ptrs.push(std::ptr::null());
+        // SAFETY: NUL-terminated strings and NULL-terminated arrays that outlive the call.
+        unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+        // Still here: the exec failed and the control socket is still open for the report.
+        Err(std::io::Error::last_os_error()).with_context(|| format!("executing {:?}", path))
+    }
 }
 
 fn to_cstrings<'a>(items: impl Iterator<Item = &'a str>) -> Result<Vec<CString>> {

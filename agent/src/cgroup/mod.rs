@@ -10,15 +10,18 @@
 //!
 //! The spec's `cgroupsPath` is a host path (containerd's pod hierarchy); inside the pod's
 //! own VM it means nothing, so it is not used.
+//!
+//! Here: the hierarchy, a container's cgroup, freezing, OOM counts and removal; the limits
+//! written from the spec are in `limits`, the statistics in `stats`.
+
+mod limits;
+mod stats;
 
 use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-use nestbox_protocols::types::{CgroupStats, CpuStats, IoEntry, IoStats, MemoryStats, PidsStats};
-use oci_spec::runtime::LinuxResources;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -215,19 +218,6 @@ fn read_keyed(path: &Path) -> HashMap<String, u64> {
         .collect()
 }
 
-fn read_u64(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// v1's "unlimited" is a huge number, v2's is "max": both become 0 (unlimited) here.
-fn limit_of(path: &Path) -> u64 {
-    match fs::read_to_string(path) {
-        Ok(s) if s.trim() == "max" => 0,
-        Ok(s) => s.trim().parse().ok().filter(|v| *v < i64::MAX as u64 / 2).unwrap_or(0),
-        Err(_) => 0,
-    }
-}
-
 /// One container's cgroup.
 #[derive(Debug, Clone)]
 pub enum Cgroup {
@@ -279,100 +269,6 @@ impl Cgroup {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect()
-    }
-
-    /// Applies the spec's resources. Limits the hierarchy cannot express are errors, not
-    /// silently dropped.
-    pub fn apply(&self, resources: &LinuxResources) -> Result<()> {
-        if let Some(memory) = resources.memory() {
-            let limit = memory.limit().filter(|l| *l != 0);
-            match self {
-                Cgroup::V2(dir) => {
-                    if let Some(limit) = limit {
-                        write(&dir.join("memory.max"), &v2_limit(limit))?;
-                    }
-                    if let Some(reservation) = memory.reservation() {
-                        write(&dir.join("memory.low"), &v2_limit(reservation))?;
-                    }
-                    // OCI swap is memory + swap; v2's swap.max is the swap alone.
-                    if let Some(swap) = memory.swap() {
-                        let value = match (swap, limit) {
-                            (-1, _) => "max".to_string(),
-                            (swap, Some(limit)) if limit > 0 => (swap - limit).max(0).to_string(),
-                            (swap, _) => swap.to_string(),
-                        };
-                        let path = dir.join("memory.swap.max");
-                        if path.exists() {
-                            write(&path, &value)?;
-                        }
-                    }
-                }
-                Cgroup::V1(_) => {
-                    let dir = self.v1("memory").ok_or_else(|| CgroupError::Unsupported("memory".into()))?;
-                    if let Some(limit) = limit {
-                        write(&dir.join("memory.limit_in_bytes"), &limit.to_string())?;
-                        // Without swap accounting memsw is missing; then there is no swap to limit.
-                        let memsw = dir.join("memory.memsw.limit_in_bytes");
-                        if memsw.exists() {
-                            let swap = memory.swap().unwrap_or(limit);
-                            write(&memsw, &swap.to_string())?;
-                        }
-                    }
-                    if let Some(reservation) = memory.reservation() {
-                        write(&dir.join("memory.soft_limit_in_bytes"), &reservation.to_string())?;
-                    }
-                }
-            }
-        }
-        if let Some(cpu) = resources.cpu() {
-            match self {
-                Cgroup::V2(dir) => {
-                    if let Some(shares) = cpu.shares().filter(|s| *s > 0) {
-                        write(&dir.join("cpu.weight"), &shares_to_weight(shares).to_string())?;
-                    }
-                    if cpu.quota().is_some() || cpu.period().is_some() {
-                        let quota = match cpu.quota() {
-                            Some(q) if q > 0 => q.to_string(),
-                            _ => "max".to_string(),
-                        };
-                        let period = cpu.period().filter(|p| *p > 0).unwrap_or(100_000);
-                        write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
-                    }
-                }
-                Cgroup::V1(_) => {
-                    let dir = self.v1("cpu").ok_or_else(|| CgroupError::Unsupported("cpu".into()))?;
-                    if let Some(shares) = cpu.shares().filter(|s| *s > 0) {
-                        write(&dir.join("cpu.shares"), &shares.to_string())?;
-                    }
-                    if let Some(period) = cpu.period().filter(|p| *p > 0) {
-                        write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
-                    }
-                    if let Some(quota) = cpu.quota() {
-                        write(&dir.join("cpu.cfs_quota_us"), &quota.max(-1).to_string())?;
-                    }
-                }
-            }
-            if cpu.cpus().is_some() || cpu.mems().is_some() {
-                return Err(CgroupError::Unsupported("cpu.cpus/cpu.mems (cpuset)".into()));
-            }
-        }
-        if let Some(pids) = resources.pids() {
-            let value = if pids.limit() > 0 { pids.limit().to_string() } else { "max".to_string() };
-            let dir = match self {
-                Cgroup::V2(dir) => dir.as_path(),
-                Cgroup::V1(_) => self.v1("pids").ok_or_else(|| CgroupError::Unsupported("pids".into()))?,
-            };
-            write(&dir.join("pids.max"), &value)?;
-        }
-        if let (Cgroup::V2(dir), Some(unified)) = (self, resources.unified()) {
-            for (key, value) in unified {
-                if key.contains('/') || key.starts_with('.') {
-                    return Err(CgroupError::Unsupported(format!("unified key {key:?}")));
-                }
-                write(&dir.join(key), value)?;
-            }
-        }
-        Ok(())
     }
 
     /// Freezes (pause) or thaws (resume) every process of the cgroup, returning once the
@@ -427,69 +323,6 @@ impl Cgroup {
         }
     }
 
-    pub fn stats(&self) -> CgroupStats {
-        let mut stats = CgroupStats::new();
-        let mut cpu = CpuStats::new();
-        let mut memory = MemoryStats::new();
-        let mut pids = PidsStats::new();
-        match self {
-            Cgroup::V2(dir) => {
-                let c = read_keyed(&dir.join("cpu.stat"));
-                let get = |k: &str| c.get(k).copied().unwrap_or(0);
-                cpu.usage_usec = get("usage_usec");
-                cpu.user_usec = get("user_usec");
-                cpu.system_usec = get("system_usec");
-                cpu.nr_periods = get("nr_periods");
-                cpu.nr_throttled = get("nr_throttled");
-                cpu.throttled_usec = get("throttled_usec");
-                memory.usage = read_u64(&dir.join("memory.current")).unwrap_or(0);
-                memory.limit = limit_of(&dir.join("memory.max"));
-                memory.max_usage = read_u64(&dir.join("memory.peak")).unwrap_or(0);
-                memory.swap_usage = read_u64(&dir.join("memory.swap.current")).unwrap_or(0);
-                memory.stat = read_keyed(&dir.join("memory.stat"));
-                let events = read_keyed(&dir.join("memory.events"));
-                memory.oom_events = events.get("oom").copied().unwrap_or(0);
-                memory.oom_kill_events = events.get("oom_kill").copied().unwrap_or(0);
-                pids.current = read_u64(&dir.join("pids.current")).unwrap_or(0);
-                pids.limit = limit_of(&dir.join("pids.max"));
-                let mut io = IoStats::new();
-                io.entries = parse_io_stat(&fs::read_to_string(dir.join("io.stat")).unwrap_or_default());
-                stats.io = Some(io).into();
-            }
-            Cgroup::V1(_) => {
-                if let Some(dir) = self.v1("cpuacct") {
-                    cpu.usage_usec = read_u64(&dir.join("cpuacct.usage")).unwrap_or(0) / 1000;
-                    // cpuacct.stat counts USER_HZ ticks, which Linux fixes at 100 per second.
-                    let ticks = read_keyed(&dir.join("cpuacct.stat"));
-                    cpu.user_usec = ticks.get("user").copied().unwrap_or(0) * 10_000;
-                    cpu.system_usec = ticks.get("system").copied().unwrap_or(0) * 10_000;
-                }
-                if let Some(dir) = self.v1("cpu") {
-                    let c = read_keyed(&dir.join("cpu.stat"));
-                    cpu.nr_periods = c.get("nr_periods").copied().unwrap_or(0);
-                    cpu.nr_throttled = c.get("nr_throttled").copied().unwrap_or(0);
-                    cpu.throttled_usec = c.get("throttled_time").copied().unwrap_or(0) / 1000;
-                }
-                if let Some(dir) = self.v1("memory") {
-                    memory.usage = read_u64(&dir.join("memory.usage_in_bytes")).unwrap_or(0);
-                    memory.limit = limit_of(&dir.join("memory.limit_in_bytes"));
-                    memory.max_usage = read_u64(&dir.join("memory.max_usage_in_bytes")).unwrap_or(0);
-                    memory.stat = read_keyed(&dir.join("memory.stat"));
-                    memory.oom_events = read_u64(&dir.join("memory.failcnt")).unwrap_or(0);
-                    memory.oom_kill_events = self.oom_kills();
-                }
-                if let Some(dir) = self.v1("pids") {
-                    pids.current = read_u64(&dir.join("pids.current")).unwrap_or(0);
-                    pids.limit = limit_of(&dir.join("pids.max"));
-                }
-            }
-        }
-        stats.cpu = Some(cpu).into();
-        stats.memory = Some(memory).into();
-        stats.pids = Some(pids).into();
-        stats
-    }
-
     /// Removes the cgroup, waiting up to `timeout` for its last processes to be gone (a
     /// killed process leaves the cgroup only once it is reaped).
     pub fn remove(&self, timeout: Duration) -> Result<()> {
@@ -511,44 +344,6 @@ impl Cgroup {
         }
         Ok(())
     }
-}
-
-fn v2_limit(value: i64) -> String {
-    if value < 0 {
-        "max".into()
-    } else {
-        value.to_string()
-    }
-}
-
-/// cgroup v1 cpu.shares [2, 262144] to v2 cpu.weight [1, 10000], as runc and crun map it.
-fn shares_to_weight(shares: u64) -> u64 {
-    let shares = shares.clamp(2, 262_144);
-    1 + ((shares - 2) * 9999) / 262_142
-}
-
-fn parse_io_stat(text: &str) -> Vec<IoEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let (major, minor) = words.next()?.split_once(':')?;
-            let mut entry = IoEntry::new();
-            entry.major = major.parse().ok()?;
-            entry.minor = minor.parse().ok()?;
-            for word in words {
-                let Some((key, value)) = word.split_once('=') else { continue };
-                let value = value.parse().unwrap_or(0);
-                match key {
-                    "rbytes" => entry.rbytes = value,
-                    "wbytes" => entry.wbytes = value,
-                    "rios" => entry.rios = value,
-                    "wios" => entry.wios = value,
-                    _ => {}
-                }
-            }
-            Some(entry)
-        })
-        .collect()
 }
 
 /// What to watch for a container's OOM kills.
@@ -576,15 +371,5 @@ mod tests {
         assert_eq!(own_cgroup(own, Some("cpuacct")).as_deref(), Some("/c"));
         assert_eq!(own_cgroup(own, None).as_deref(), Some("/u"));
         assert_eq!(own_cgroup(own, Some("pids")), None);
-    }
-
-    #[test]
-    fn conversions() {
-        assert_eq!(shares_to_weight(1024), 39);
-        assert_eq!(shares_to_weight(2), 1);
-        assert_eq!(shares_to_weight(262_144), 10_000);
-        assert_eq!(v2_limit(-1), "max");
-        let io = parse_io_stat("8:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0\n");
-        assert_eq!((io[0].major, io[0].minor, io[0].rbytes, io[0].wios), (8, 0, 10, 2));
     }
 }
