@@ -119,11 +119,13 @@ impl VirtioDevices {
             return Err(BuildError::TooManyDevices);
         }
         let base = layout::VIRTIO_MMIO_START + index * MMIO_WINDOW;
-        let kvm_err = |what| move |e: kvm_ioctls::Error| BuildError::Virtio(format!("{what}: {e}"));
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Virtio(format!("irqfd: {e}")))?;
+        let device_type = device.device_type();
+        let kvm_err = |what| move |source| BuildError::VirtioKvm { device_type, what, source };
+        let irqfd =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::VirtioIrqfd { device_type, source })?;
         vm.register_irqfd(&irqfd, irq).map_err(kvm_err("KVM_IRQFD"))?;
         let transport = MmioTransport::new(device, memory.clone(), Arc::new(Interrupt::new(irqfd)))
-            .map_err(|e| BuildError::Virtio(e.to_string()))?;
+            .map_err(|source| BuildError::VirtioTransport { device_type, source })?;
         for (queue, event) in transport.queue_events().iter().enumerate() {
             // Notifications of queue `queue` become eventfd signals inside KVM: the vCPU
             // does not exit to the VMM for them.

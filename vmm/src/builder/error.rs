@@ -4,6 +4,7 @@ use crate::arch::x86_64::{boot, layout};
 use crate::devices::bus::BusOverlap;
 use crate::devices::legacy::serial::persist::SerialStateError;
 use crate::devices::virtio::fs::FsError;
+use crate::devices::virtio::mmio::TransportError;
 use crate::devices::virtio::vsock::device::VsockError;
 use crate::snapshot::SnapshotError;
 use crate::vstate::vcpu::VcpuError;
@@ -40,8 +41,12 @@ pub enum BuildError {
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Fs(#[from] FsError),
-    #[error("virtio device setup: {0}")]
-    Virtio(String),
+    #[error("virtio device type {device_type}: interrupt eventfd: {source}")]
+    VirtioIrqfd { device_type: u32, source: std::io::Error },
+    #[error("virtio device type {device_type}: {what}: {source}")]
+    VirtioKvm { device_type: u32, what: &'static str, source: kvm_ioctls::Error },
+    #[error("virtio device type {device_type}: {source}")]
+    VirtioTransport { device_type: u32, source: TransportError },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
