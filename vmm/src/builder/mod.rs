@@ -1,8 +1,8 @@
 //! From a validated configuration to a running VM. Two paths share one device assembly:
-//! [`boot`] loads a kernel onto fresh vCPUs, [`restore`] puts a snapshot's state back.
+//! `boot.rs` loads a kernel onto fresh vCPUs, `restore.rs` puts a snapshot's state back.
 //!
-//! KVM → guest memory → VM with irqchip and PIT → devices ([`devices`]) → guest loaded or
-//! state restored → vCPUs started ([`start`]).
+//! KVM (`Host`) → guest memory → VM with irqchip and PIT → devices (`devices.rs`), together
+//! a `PreparedVm` → guest loaded or state restored → vCPUs started (`PreparedVm::start`).
 
 mod boot;
 mod devices;
