@@ -160,10 +160,7 @@ impl Config {
             path: source.map(Path::to_path_buf).unwrap_or_default(),
             reason: e.to_string().trim_end().replace('\n', " "),
         })?;
-        let guest_dir = std::env::var_os(GUEST_DIR_ENV)
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR));
+        let guest_dir = default_guest_dir();
         let h = file.hypervisor;
         let config = Config {
             source: source.map(Path::to_path_buf),
@@ -295,6 +292,21 @@ fn absolute(key: &str, value: Option<PathBuf>) -> Result<Option<PathBuf>, Config
     match value {
         Some(p) if !p.is_absolute() => Err(invalid(key, format!("{}: must be an absolute path", p.display()))),
         other => Ok(other),
+    }
+}
+
+/// The guest image's folder: `$NESTBOX_GUEST_DIR`, else `share/nestbox` beside the running
+/// binary's `bin/` when it holds a kernel (an installation under another prefix: `/usr` from
+/// the Debian package, `/opt/nestbox`), else where `guest-image/build.sh` installs it.
+pub fn default_guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(GUEST_DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().ok();
+    let prefix = exe.as_deref().and_then(Path::parent).and_then(Path::parent);
+    match prefix.map(|p| p.join("share/nestbox")) {
+        Some(beside) if beside.join("vmlinux").is_file() => beside,
+        _ => PathBuf::from(DEFAULT_GUEST_DIR),
     }
 }
 

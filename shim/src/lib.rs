@@ -2,6 +2,8 @@
 //!
 //! From the top down (each module imports only those below it):
 //!
+//! - [`install`]: `nestbox install` and `uninstall`: the files put in place, containerd's
+//!   config edited (toml_edit, the rest of the file kept), a manifest to undo both;
 //! - [`shim`]: the `start` and `delete` subcommands (pod grouping, cleanup after a lost shim);
 //! - [`task`]: containerd's task API v2, each call mapped onto the pod;
 //! - [`pod`]: the pod this shim serves: its containers, their processes, the VM's life;
@@ -17,6 +19,7 @@
 pub mod check;
 pub mod config;
 pub mod events;
+pub mod install;
 pub mod io;
 pub mod metrics;
 pub mod pod;

@@ -1,16 +1,19 @@
 //! `nestbox`: the host tool. `check` says whether this host can run sandboxes and why
 //! not; `env` prints the configuration and paths in effect; `config` prints what registers
 //! nestbox with containerd and Kubernetes; `template` makes the warm-start template of a
-//! pod shape ahead of the first pod.
+//! pod shape ahead of the first pod; `install` and `uninstall` put nestbox on a host (or a
+//! node's root mounted elsewhere) and register it with containerd, and take it off again.
 
 use clap::{Parser, Subcommand};
 use nestbox_shim::check::{self, Outcome};
 use nestbox_shim::config::{
     Config, VmSize, ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS, CONFIG_ENV, DEFAULT_CONFIG_PATH, DEFAULT_MEMORY_MIB,
 };
+use nestbox_shim::install::{self, Report, DEFAULT_CONTAINERD_CONFIG, DEFAULT_PREFIX};
 use nestbox_shim::sandbox::template;
 use nestbox_shim::shim::RUNTIME_ID;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -46,6 +49,38 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Install nestbox: the binaries in <prefix>/bin, the guest image in
+    /// <prefix>/share/nestbox, the runtime in containerd's config (a backup kept, the rest of
+    /// the file unchanged), a manifest in /var/lib/nestbox. A second run changes nothing.
+    Install {
+        /// The file system to install into (a node's root mounted elsewhere: /host).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Where the files go on that file system.
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: PathBuf,
+        /// containerd's config file, as a path on that file system.
+        #[arg(long, default_value = DEFAULT_CONTAINERD_CONFIG)]
+        containerd_config: PathBuf,
+        /// The folder holding containerd-shim-nestbox-v2, nestbox-vmm and nestbox
+        /// [default: the folder of this nestbox].
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// The folder holding vmlinux and initramfs.cpio [default: the guest image the shim
+        /// would use].
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
+        /// Only register the runtime with containerd (the files are in place: the Debian package).
+        #[arg(long)]
+        config_only: bool,
+    },
+    /// Undo `nestbox install`: containerd's config back as it was (the original bytes if it
+    /// was not edited since), the installed files and folders removed.
+    Uninstall {
+        /// The file system nestbox was installed into.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +89,41 @@ fn main() -> ExitCode {
         Command::Env => print_env(),
         Command::Config => print_registration(),
         Command::Template { vcpus, memory_mib, force } => make_template(vcpus, memory_mib, force),
+        Command::Install { root, prefix, containerd_config, bin_dir, guest_dir, config_only } => {
+            let mut options = install::Options::new();
+            options.bin_dir = bin_dir.unwrap_or(options.bin_dir);
+            options.guest_dir = guest_dir.unwrap_or(options.guest_dir);
+            let options = install::Options { root, prefix, containerd_config, config_only, ..options };
+            finish("install", &options.root.clone(), install::install(&options))
+        }
+        Command::Uninstall { root } => finish("uninstall", &root, install::uninstall(&root)),
+    }
+}
+
+/// Prints what an install or uninstall did and, if containerd's config changed, how to make
+/// containerd read it.
+fn finish(what: &str, root: &std::path::Path, done: Result<Report, install::InstallError>) -> ExitCode {
+    match done {
+        Ok(report) => {
+            for line in &report.lines {
+                println!("{line}");
+            }
+            if report.config_changed {
+                let host = if root == std::path::Path::new("/") {
+                    String::new()
+                } else {
+                    format!(" (on the host whose root is {})", root.display())
+                };
+                println!("\ncontainerd reads its config when it starts: restart it{host} to apply this:\n  systemctl restart containerd");
+            } else {
+                println!("\ncontainerd's config is unchanged: no restart needed");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nestbox: {what}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
