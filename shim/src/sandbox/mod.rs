@@ -17,25 +17,28 @@
 //! mount table, then delete it.
 
 pub mod agent;
+mod connect;
+mod console;
+mod error;
 pub mod mounts;
+mod paths;
 pub mod template;
 pub mod vmm;
 
+pub use error::SandboxError;
+pub use paths::{remove_dir, CleanupError, SandboxPaths};
+
 use crate::config::{Config, VmSize};
 use agent::{Agent, AgentError};
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use connect::connect;
+use console::ConsoleTail;
+use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::{Vmm, VmmSpec};
 
-/// Console lines kept for error messages.
-const CONSOLE_TAIL_LINES: usize = 25;
-/// How long one connection attempt may take before the VMM is checked again.
-const CONNECT_SLICE: Duration = Duration::from_secs(2);
 /// A restored guest's agent answers within a second even on a software-nested host; a
 /// restore that takes this long is treated as failed and the pod boots cold.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,117 +46,6 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The caller's handler for an unexpected VMM exit, shared by a failed restore attempt
 /// and the cold boot after it (only the VMM that serves the pod may run it).
 type ExitHandler = Arc<Mutex<Option<Box<dyn FnOnce(ExitStatus) + Send>>>>;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
-    #[error("creating sandbox directory {path}: {source}", path = path.display())]
-    Dir { path: PathBuf, source: std::io::Error },
-    #[error("sandbox {id} already exists at {path} (a shim of that pod is still running, or a crashed one was not cleaned up: `ctr task delete` it)", path = path.display())]
-    Exists { id: String, path: PathBuf },
-    #[error(transparent)]
-    Vmm(#[from] vmm::VmmError),
-    #[error("the VMM exited ({status}) before the guest's agent answered{details}")]
-    VmmExited { status: String, details: String },
-    #[error("the guest's agent did not answer within {waited:?} (VMM pid {pid} still running): {reason}{details}")]
-    BootTimeout { waited: Duration, pid: u32, reason: String, details: String },
-    #[error(transparent)]
-    Agent(#[from] AgentError),
-    #[error("removing sandbox directory {path}: {reason}", path = path.display())]
-    Cleanup { path: PathBuf, reason: String },
-}
-
-/// Where a sandbox's files live.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SandboxPaths {
-    pub dir: PathBuf,
-    pub shared: PathBuf,
-    pub console: PathBuf,
-    pub vmm_log: PathBuf,
-    pub pid_file: PathBuf,
-    pub vsock: PathBuf,
-}
-
-impl SandboxPaths {
-    pub fn new(sandboxes_dir: &Path, id: &str) -> SandboxPaths {
-        let dir = sandboxes_dir.join(id);
-        SandboxPaths {
-            shared: dir.join("shared"),
-            console: dir.join("console.log"),
-            vmm_log: dir.join("vmm.log"),
-            pid_file: dir.join("vmm.pid"),
-            vsock: dir.join("vsock.sock"),
-            dir,
-        }
-    }
-
-    /// A container's directory in the shared tree (host side).
-    pub fn container_dir(&self, container_id: &str) -> PathBuf {
-        self.shared.join(container_id)
-    }
-}
-
-/// The last lines of the guest console, for error messages; every line also goes to the log.
-#[derive(Clone, Default)]
-struct ConsoleTail {
-    lines: Arc<Mutex<VecDeque<String>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl ConsoleTail {
-    /// Follows `path` (written by the VMM) until stopped, then reads what is left.
-    fn follow(&self, path: PathBuf, sandbox_id: String) {
-        let tail = self.clone();
-        let spawned = std::thread::Builder::new().name("console".into()).spawn(move || {
-            let mut reader = loop {
-                match std::fs::File::open(&path) {
-                    Ok(f) => break BufReader::new(f),
-                    Err(_) if !tail.stop.load(Ordering::Acquire) => std::thread::sleep(Duration::from_millis(100)),
-                    Err(_) => return,
-                }
-            };
-            let mut line = Vec::new();
-            loop {
-                let stopping = tail.stop.load(Ordering::Acquire);
-                match reader.read_until(b'\n', &mut line) {
-                    Ok(_) if line.ends_with(b"\n") => {
-                        tail.push(&sandbox_id, &line);
-                        line.clear();
-                    }
-                    // End of what is written so far (a partial line stays buffered).
-                    Ok(_) if stopping => {
-                        if !line.is_empty() {
-                            tail.push(&sandbox_id, &line);
-                        }
-                        return;
-                    }
-                    Ok(_) => std::thread::sleep(Duration::from_millis(100)),
-                    Err(_) => return,
-                }
-            }
-        });
-        if let Err(e) = spawned {
-            log::warn!("not forwarding the guest console: {e}");
-        }
-    }
-
-    fn push(&self, sandbox_id: &str, raw: &[u8]) {
-        let text = String::from_utf8_lossy(raw).trim_end().to_string();
-        log::info!("guest {sandbox_id}: {text}");
-        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        if lines.len() == CONSOLE_TAIL_LINES {
-            lines.pop_front();
-        }
-        lines.push_back(text);
-    }
-
-    fn last_lines(&self) -> String {
-        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        if lines.is_empty() {
-            return String::new();
-        }
-        format!("; last guest console lines:\n  {}", lines.iter().cloned().collect::<Vec<_>>().join("\n  "))
-    }
-}
 
 /// A running sandbox.
 pub struct Sandbox {
@@ -336,7 +228,7 @@ impl Sandbox {
             }
         }
         self.console.stop.store(true, Ordering::Release);
-        remove_dir(&self.paths.dir)
+        Ok(remove_dir(&self.paths.dir)?)
     }
 
     /// The last guest console lines, for error messages.
@@ -373,53 +265,6 @@ fn exit_handler(
     })
 }
 
-/// Connects to the agent until `deadline`, giving up at once when the VMM exits.
-fn connect(
-    config: &Config,
-    paths: &SandboxPaths,
-    vmm: &Vmm,
-    console: &ConsoleTail,
-    deadline: Instant,
-) -> Result<Agent, SandboxError> {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = vmm.exit_status() {
-            let log = std::fs::read_to_string(&paths.vmm_log).unwrap_or_default();
-            let mut details = String::new();
-            if !log.trim().is_empty() {
-                details = format!(": {}", log.trim());
-            }
-            details.push_str(&console.last_lines());
-            return Err(SandboxError::VmmExited { status: status.to_string(), details });
-        }
-        let slice = (Instant::now() + CONNECT_SLICE).min(deadline);
-        match Agent::connect(&paths.vsock, slice, config.request_timeout) {
-            Ok(agent) => return Ok(agent),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(SandboxError::BootTimeout {
-                    waited: started.elapsed(),
-                    pid: vmm.pid(),
-                    reason: e.to_string(),
-                    details: console.last_lines(),
-                })
-            }
-            // A permanent socket error returns at once: do not spin on it.
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// Unmounts everything below `dir` and deletes it. Missing is fine.
-pub fn remove_dir(dir: &Path) -> Result<(), SandboxError> {
-    let cleanup = |reason: String| SandboxError::Cleanup { path: dir.to_path_buf(), reason };
-    mounts::unmount_under(dir).map_err(|e| cleanup(e.to_string()))?;
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(cleanup(e.to_string())),
-    }
-}
-
 /// Cleanup for containerd's `delete` after the shim is gone: kill a VMM that outlived it
 /// (normally the parent-death signal already did), unmount the container's (or, for the
 /// pod's own container, the whole sandbox's) mounts and remove the directories.
@@ -429,38 +274,8 @@ pub fn cleanup_after_shim(config: &Config, sandbox_id: &str, container_id: &str)
         if vmm::kill_stale(&paths.pid_file, &paths.vsock) {
             log::warn!("sandbox {sandbox_id}: killed a VMM left by a shim that is gone");
         }
-        remove_dir(&paths.dir)
+        Ok(remove_dir(&paths.dir)?)
     } else {
-        remove_dir(&paths.container_dir(container_id))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_are_inside_the_sandbox_dir() {
-        let p = SandboxPaths::new(Path::new("/run/nestbox/sandboxes"), "pod1");
-        assert_eq!(p.dir, Path::new("/run/nestbox/sandboxes/pod1"));
-        for inner in [&p.shared, &p.console, &p.vmm_log, &p.pid_file, &p.vsock] {
-            assert!(inner.starts_with(&p.dir), "{}", inner.display());
-        }
-        assert_eq!(p.container_dir("c1"), Path::new("/run/nestbox/sandboxes/pod1/shared/c1"));
-    }
-
-    #[test]
-    fn remove_dir_unmounts_first_and_tolerates_missing() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let dir = root.path().join("sb");
-        std::fs::create_dir_all(dir.join("shared/c1/rootfs")).expect("mkdir");
-        std::fs::create_dir_all(root.path().join("data")).expect("mkdir");
-        std::fs::write(root.path().join("data/f"), "keep me").expect("write");
-        mounts::bind(&root.path().join("data"), &dir.join("shared/c1/rootfs"), false).expect("bind");
-        remove_dir(&dir).expect("removed");
-        assert!(!dir.exists());
-        // The bound source was unmounted, not emptied through the mount.
-        assert_eq!(std::fs::read_to_string(root.path().join("data/f")).expect("still there"), "keep me");
-        remove_dir(&dir).expect("missing is fine");
+        Ok(remove_dir(&paths.container_dir(container_id))?)
     }
 }

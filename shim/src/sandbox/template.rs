@@ -25,8 +25,11 @@
 //! What a restored guest must not share with its siblings (random state, clock, hostname)
 //! the agent takes from the host at CreateSandbox (`agent.rs`).
 
+use super::connect::connect;
+use super::console::ConsoleTail;
+use super::error::SandboxError;
+use super::paths::{remove_dir, SandboxPaths};
 use super::vmm::{Vmm, VmmSpec};
-use super::{connect, ConsoleTail, SandboxPaths};
 use crate::config::{Config, VmSize};
 use std::fmt::Write as _;
 use std::fs::File;
@@ -50,7 +53,7 @@ pub enum TemplateError {
     #[error("template directory {path}: {source}", path = path.display())]
     Dir { path: PathBuf, source: std::io::Error },
     #[error("booting the template VM: {0}")]
-    Boot(Box<super::SandboxError>),
+    Boot(Box<SandboxError>),
     #[error("snapshotting the template VM through {path}: {reason}", path = path.display())]
     Snapshot { path: PathBuf, reason: String },
 }
@@ -161,10 +164,10 @@ pub fn discard(dir: &Path) {
 fn make(config: &Config, size: VmSize, inputs: &TemplateInputs, dir: &Path) -> Result<(), TemplateError> {
     let work = SandboxPaths::new(&config.templates_dir, &format!("{}.making", inputs.key));
     // Left by a maker that died (the lock is free, so it is not running).
-    super::remove_dir(&work.dir).map_err(|e| TemplateError::Boot(Box::new(e)))?;
+    remove_dir(&work.dir).map_err(|e| TemplateError::Boot(Box::new(e.into())))?;
     std::fs::create_dir_all(&work.shared).map_err(dir_error(&work.shared))?;
     let result = boot_and_snapshot(config, size, &work, inputs, dir);
-    let _ = super::remove_dir(&work.dir);
+    let _ = remove_dir(&work.dir);
     result
 }
 

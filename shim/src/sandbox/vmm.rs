@@ -7,7 +7,7 @@
 //! supervising thread itself spawns the VMM and lives exactly as long as it.
 
 use super::agent::FS_TAG;
-use super::SandboxPaths;
+use super::paths::SandboxPaths;
 use crate::config::{Config, VmSize};
 use std::fs::File;
 use std::os::unix::process::{CommandExt, ExitStatusExt};

@@ -1,0 +1,83 @@
+//! Where a sandbox's files live, and their removal (unmount first, then delete).
+
+use super::mounts;
+use std::path::{Path, PathBuf};
+
+/// A sandbox directory (or part of one) that could not be removed.
+#[derive(Debug, thiserror::Error)]
+#[error("removing sandbox directory {path}: {reason}", path = path.display())]
+pub struct CleanupError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Where a sandbox's files live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxPaths {
+    pub dir: PathBuf,
+    pub shared: PathBuf,
+    pub console: PathBuf,
+    pub vmm_log: PathBuf,
+    pub pid_file: PathBuf,
+    pub vsock: PathBuf,
+}
+
+impl SandboxPaths {
+    pub fn new(sandboxes_dir: &Path, id: &str) -> SandboxPaths {
+        let dir = sandboxes_dir.join(id);
+        SandboxPaths {
+            shared: dir.join("shared"),
+            console: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            pid_file: dir.join("vmm.pid"),
+            vsock: dir.join("vsock.sock"),
+            dir,
+        }
+    }
+
+    /// A container's directory in the shared tree (host side).
+    pub fn container_dir(&self, container_id: &str) -> PathBuf {
+        self.shared.join(container_id)
+    }
+}
+
+/// Unmounts everything below `dir` and deletes it. Missing is fine.
+pub fn remove_dir(dir: &Path) -> Result<(), CleanupError> {
+    let cleanup = |reason: String| CleanupError { path: dir.to_path_buf(), reason };
+    mounts::unmount_under(dir).map_err(|e| cleanup(e.to_string()))?;
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(cleanup(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_inside_the_sandbox_dir() {
+        let p = SandboxPaths::new(Path::new("/run/nestbox/sandboxes"), "pod1");
+        assert_eq!(p.dir, Path::new("/run/nestbox/sandboxes/pod1"));
+        for inner in [&p.shared, &p.console, &p.vmm_log, &p.pid_file, &p.vsock] {
+            assert!(inner.starts_with(&p.dir), "{}", inner.display());
+        }
+        assert_eq!(p.container_dir("c1"), Path::new("/run/nestbox/sandboxes/pod1/shared/c1"));
+    }
+
+    #[test]
+    fn remove_dir_unmounts_first_and_tolerates_missing() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("sb");
+        std::fs::create_dir_all(dir.join("shared/c1/rootfs")).expect("mkdir");
+        std::fs::create_dir_all(root.path().join("data")).expect("mkdir");
+        std::fs::write(root.path().join("data/f"), "keep me").expect("write");
+        mounts::bind(&root.path().join("data"), &dir.join("shared/c1/rootfs"), false).expect("bind");
+        remove_dir(&dir).expect("removed");
+        assert!(!dir.exists());
+        // The bound source was unmounted, not emptied through the mount.
+        assert_eq!(std::fs::read_to_string(root.path().join("data/f")).expect("still there"), "keep me");
+        remove_dir(&dir).expect("missing is fine");
+    }
+}
