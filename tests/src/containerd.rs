@@ -4,7 +4,9 @@
 //! built locally (no registry).
 //!
 //! With [`Options::cri`] it also serves CRI with the handlers `runc` and `nestbox`, the
-//! pause image imported under its `sandbox_image`, and [`Containerd::cri`] is a client.
+//! pause image imported under its `sandbox_image`, and [`Containerd::cri`] is a client;
+//! with [`Options::pod_network`] containerd runs in a network namespace of the test's own
+//! and CNI gives pods network namespaces there ([`network`]).
 //!
 //! containerd 1.6 keeps a few paths fixed whatever its configuration says (shim sockets in
 //! /run/containerd/s, ctr's fifos in /run/containerd/fifo, runc's state in
@@ -17,6 +19,7 @@
 
 mod cleanup;
 pub mod images;
+pub mod network;
 
 use crate::{binary, run_with_deadline, workspace_root, Finished};
 use std::fs;
@@ -41,8 +44,13 @@ pub const QUICK: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Serve CRI (the `io.containerd.grpc.v1.cri` plugin) with the handlers `runc` and
-    /// `nestbox`, for pods on the host's network (no CNI is configured).
+    /// `nestbox`; without [`Options::pod_network`] no CNI is configured, so only pods on the
+    /// host's network start (which nestbox refuses).
     pub cri: bool,
+    /// Run containerd in a network namespace the harness makes and removes, with CNI
+    /// (bridge, host-local, portmap, loopback) giving each CRI pod a network namespace of
+    /// its own there (see [`network`]).
+    pub pod_network: bool,
     /// A folder holding `containerd-shim-nestbox-v2` and `nestbox-vmm` to run (the
     /// benchmark's copies of a release build); by default the workspace's debug build.
     pub binaries: Option<PathBuf>,
@@ -63,6 +71,8 @@ pub struct Containerd {
     log: PathBuf,
     child: Child,
     serves_cri: bool,
+    /// Dropped after containerd and its pods (fields drop after `Drop::drop`).
+    _network: Option<network::TestNetwork>,
     #[cfg(feature = "cri")]
     cri: Option<crate::cri::Cri>,
 }
@@ -92,7 +102,10 @@ impl Containerd {
         let sandboxes = dir.join("sb");
         let templates = dir.join("tpl");
         let config = dir.join("containerd.toml");
-        fs::write(&config, containerd_config(&dir, &socket, options.cri)).expect("writing containerd's config");
+        let network =
+            options.pod_network.then(|| network::TestNetwork::create(&format!("nbx-{name}-{}", std::process::id())));
+        fs::write(&config, containerd_config(&dir, &socket, options.cri, network.is_some()))
+            .expect("writing containerd's config");
         let nestbox_config_path = dir.join("nestbox.toml");
         write_nestbox_config(&nestbox_config_path, &sandboxes, &templates, &vmm, "", nestbox_config);
         let path = format!(
@@ -102,7 +115,11 @@ impl Containerd {
         );
         let log = dir.join("containerd.log");
         let log_file = fs::File::create(&log).expect("creating containerd's log");
-        let child = Command::new("containerd")
+        let mut command = match &network {
+            Some(network) => network.command("containerd"),
+            None => Command::new("containerd"),
+        };
+        let child = command
             .arg("--config")
             .arg(&config)
             .env("PATH", path)
@@ -119,6 +136,7 @@ impl Containerd {
             log,
             child,
             serves_cri: options.cri,
+            _network: network,
             nestbox_config: nestbox_config_path,
             sandboxes,
             templates,
@@ -332,8 +350,8 @@ impl Drop for Containerd {
     }
 }
 
-/// containerd's configuration: everything in `dir`; CRI on or off.
-fn containerd_config(dir: &Path, socket: &Path, cri: bool) -> String {
+/// containerd's configuration: everything in `dir`; CRI on or off, with CNI or without.
+fn containerd_config(dir: &Path, socket: &Path, cri: bool, pod_network: bool) -> String {
     // Tests that do not drive CRI go without it: then no CNI or netns setup runs.
     let disabled = if cri { "" } else { "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n" };
     let mut config = format!(
@@ -349,18 +367,27 @@ fn containerd_config(dir: &Path, socket: &Path, cri: bool) -> String {
         socket = socket.display(),
     );
     if cri {
-        config.push_str(&cri_config(&dir.join("cni")));
+        config.push_str(&cri_config(&dir.join("cni"), pod_network));
     }
     config
 }
 
-/// The CRI plugin's part: the pause image, handlers `runc` and `nestbox`, and empty CNI
-/// folders of the test's own (pods use the host's network).
-fn cri_config(cni: &Path) -> String {
-    let (bin, conf) = (cni.join("bin"), cni.join("conf"));
-    for folder in [&bin, &conf] {
-        fs::create_dir_all(folder).expect("creating the CNI folders");
-    }
+/// The CRI plugin's part: the pause image, handlers `runc` and `nestbox`, and CNI folders
+/// of the test's own: empty (pods on the host's network only), or with the bridge network of
+/// [`network::cni_conflist`] and Debian's plugins. Pods' network namespaces are mounted
+/// below containerd's state folder, so they stay in the test's folder.
+fn cri_config(cni: &Path, pod_network: bool) -> String {
+    let conf = cni.join("conf");
+    fs::create_dir_all(&conf).expect("creating the CNI folders");
+    let bin = if pod_network {
+        let conflist = network::cni_conflist(&cni.join("ipam"));
+        fs::write(conf.join("10-nestbox-tests.conflist"), conflist).expect("writing the CNI configuration");
+        PathBuf::from(network::CNI_BIN_DIR)
+    } else {
+        let bin = cni.join("bin");
+        fs::create_dir_all(&bin).expect("creating the CNI folders");
+        bin
+    };
     let plugin = "[plugins.\"io.containerd.grpc.v1.cri\"";
     [
         format!("{plugin}]"),
@@ -370,6 +397,7 @@ fn cri_config(cni: &Path) -> String {
         "  # A port of its own: the default 10010 may be another containerd's.".into(),
         "  stream_server_address = \"127.0.0.1\"".into(),
         "  stream_server_port = \"0\"".into(),
+        "  netns_mounts_under_state_dir = true".into(),
         format!("{plugin}.cni]"),
         format!("  bin_dir = \"{}\"", bin.display()),
         format!("  conf_dir = \"{}\"", conf.display()),

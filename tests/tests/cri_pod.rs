@@ -4,10 +4,11 @@
 //! ContainerStatus, StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox, and
 //! then nothing left: no pod, no sandbox directory, no VMM.
 //!
-//! The pods use the host's network (no CNI here; nestbox has no networking yet), a pod IPC
-//! namespace and a PID namespace per container (kubelet's defaults otherwise). The nestbox
-//! pod is the first of its shape, so it makes the warm-start template (one guest boot,
-//! minutes here) and is restored from it.
+//! The pods have kubelet's default namespaces: a network namespace of the pod (CNI's bridge,
+//! inside a network namespace of the test's own; a nestbox guest has only loopback until it
+//! has networking), a pod IPC namespace and a PID namespace per container. The nestbox pod
+//! is the first of its shape, so it makes the warm-start template (one guest boot, minutes
+//! here) and is restored from it.
 
 use nestbox_tests::containerd::{Containerd, Options, BUSYBOX};
 use nestbox_tests::cri::{api::ContainerState, api::NamespaceMode, container_config, namespaces, pod_config};
@@ -18,13 +19,13 @@ use std::time::Duration;
 const QUICK: Duration = Duration::from_secs(60);
 
 fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
-    let options = Options { cri: true, ..Default::default() };
+    let options = Options { cri: true, pod_network: true, ..Default::default() };
     let c = Containerd::start_with(&format!("cri-{handler}"), nestbox_config, options);
     c.import_busybox();
     let cri = c.cri();
     let logs = c.dir.join("pod-logs");
     std::fs::create_dir_all(&logs).expect("creating the pod's log folder");
-    let ns = namespaces(NamespaceMode::Node, NamespaceMode::Pod, NamespaceMode::Container);
+    let ns = namespaces(NamespaceMode::Pod, NamespaceMode::Pod, NamespaceMode::Container);
     let sandbox = pod_config(&format!("smoke-{handler}"), &std::process::id().to_string(), &logs, ns.clone());
     let context = || format!("containerd log tail:\n{}", c.log_tail(60));
 

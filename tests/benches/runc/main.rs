@@ -134,7 +134,8 @@ fn configure_nestbox(c: &Containerd, runtime: &str, binaries: &Option<PathBuf>) 
 
 fn run(args: &Args) -> Result<(), String> {
     log("starting a private containerd with the CRI plugin");
-    let c = Containerd::start_with("bench", "", Options { cri: true, binaries: args.binaries.clone() });
+    let c =
+        Containerd::start_with("bench", "", Options { cri: true, pod_network: true, binaries: args.binaries.clone() });
     c.import_busybox();
     let mut results = Map::new();
     for runtime in &args.runtimes {

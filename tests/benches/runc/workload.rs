@@ -8,11 +8,11 @@ use nestbox_tests::cri::{api, api::NamespaceMode, container_config, namespaces, 
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// The pods' namespaces, the same for every runtime (and as before, so the figures stay
-/// comparable): the host's network (no CNI; nestbox has no networking yet), the host's IPC,
-/// and a PID namespace per container (kubelet's default).
+/// The pods' namespaces, the same for every runtime: kubelet's defaults, a network and an
+/// IPC namespace of the pod (CNI's, in the harness's own network namespace: nestbox
+/// refuses the host's) and a PID namespace per container.
 fn bench_namespaces() -> api::NamespaceOption {
-    namespaces(NamespaceMode::Node, NamespaceMode::Node, NamespaceMode::Container)
+    namespaces(NamespaceMode::Pod, NamespaceMode::Pod, NamespaceMode::Container)
 }
 
 impl Bench<'_> {
