@@ -73,6 +73,26 @@ fn a_missing_config_is_written_and_removed_again() {
 }
 
 #[test]
+fn a_file_it_replaces_comes_back() {
+    let bins = bin_dir();
+    let scratch = Scratch::new("replaced");
+    let guest = fake_guest(&scratch);
+    scratch.write("root/etc/containerd/config.toml", SAMPLE_CONFIG);
+    let old_vmm = scratch.write("root/usr/local/bin/nestbox-vmm", "an older nestbox-vmm copied by hand\n");
+    let root = scratch.path("root");
+    let before = tree(&root, false);
+    let (r, b, g) = (root.to_str().unwrap(), bins.to_str().unwrap(), guest.to_str().unwrap());
+    let done = nestbox(&bins, &install_args(r, b, g));
+    assert!(done.status.success(), "{done:?}");
+    assert!(done.stdout.contains("/usr/local/bin/nestbox-vmm: replaced"), "{}", done.stdout);
+    assert_installed(&root, "/usr/local", &bins, &guest, false);
+    assert!(root.join("var/lib/nestbox/backup/usr/local/bin/nestbox-vmm").is_file());
+    assert!(nestbox(&bins, &["uninstall", "--root", r]).status.success());
+    assert_eq!(fs::read_to_string(&old_vmm).unwrap(), "an older nestbox-vmm copied by hand\n");
+    assert_eq!(tree(&root, false), before);
+}
+
+#[test]
 fn an_edited_config_loses_only_the_stanza() {
     let bins = bin_dir();
     let scratch = Scratch::new("edited");
@@ -118,6 +138,13 @@ fn what_cannot_be_installed_is_refused_before_any_change() {
     let foreign = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nestbox]\n  runtime_type = \"io.containerd.kata.v2\"\n";
     scratch.write("root/etc/containerd/config.toml", foreign);
     refused(&bins, &root, &install_args(r, b, g), "line 2: a runtime named nestbox is already registered");
+
+    // A config that is a symbolic link (writing would replace the link).
+    fs::remove_file(&config).unwrap();
+    scratch.write("root/etc/containerd/real.toml", SAMPLE_CONFIG);
+    std::os::unix::fs::symlink("real.toml", &config).unwrap();
+    refused(&bins, &root, &install_args(r, b, g), "a symbolic link");
+    fs::remove_file(&config).unwrap();
 
     // Roots that are not folders, relative prefixes, missing sources.
     scratch.write("root/etc/containerd/config.toml", SAMPLE_CONFIG);

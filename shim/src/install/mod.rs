@@ -48,6 +48,8 @@ pub enum InstallError {
     Config(#[from] ConfigError),
     #[error("{}: {reason}", path.display())]
     Manifest { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    Refused { path: PathBuf, reason: String },
 }
 
 fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> InstallError + 'a {
@@ -111,6 +113,13 @@ pub fn install(o: &Options) -> Result<Report, InstallError> {
     }
     let sources = if o.config_only { Vec::new() } else { sources(o)? };
     let config_path = under(&o.root, &o.containerd_config);
+    if fs::symlink_metadata(&config_path).is_ok_and(|m| m.file_type().is_symlink()) {
+        // Writing through it would replace the link with a file: name the file itself.
+        return Err(InstallError::Refused {
+            path: config_path,
+            reason: "a symbolic link: name the file it points to with --containerd-config".into(),
+        });
+    }
     let original = read_optional(&config_path)?;
     let registration = containerd::register(original.as_deref(), &config_path)?;
     let mut manifest = load_manifest(&o.root)?.unwrap_or_default();
@@ -168,7 +177,7 @@ fn sources(o: &Options) -> Result<Vec<(PathBuf, PathBuf, u32)>, InstallError> {
 
 fn read_optional(path: &Path) -> Result<Option<String>, InstallError> {
     match fs::read(path) {
-        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| InstallError::Manifest {
+        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| InstallError::Refused {
             path: path.to_path_buf(),
             reason: "not UTF-8 text, so not a TOML file".into(),
         }),
