@@ -21,6 +21,7 @@ mod host;
 mod identity;
 mod init;
 mod oom;
+mod pod_namespaces;
 mod process;
 mod reaper;
 mod rpc;

@@ -1,14 +1,17 @@
-//! The sandbox: the pod this VM is, with its containers by id.
+//! The sandbox: the pod this VM is, with its containers by id and the pod's namespaces
+//! they are created in (`pod_namespaces`).
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nestbox_protocols::agent::{CreateContainerRequest, CreateSandboxRequest};
 
-use crate::container::{mounts, Container, Env};
+use crate::container::{mounts, Container, CreateRequest, Env};
 use crate::error::AgentError;
+use crate::pod_namespaces::{PodNamespaces, PodPidNamespace};
 
 enum Slot {
     /// CreateContainer is in progress: the id is taken.
@@ -25,6 +28,24 @@ pub struct Sandbox {
     /// The sandbox's own storages (CreateSandbox), unmounted by DestroySandbox.
     storages: Mutex<Vec<PathBuf>>,
     id: Mutex<Option<String>>,
+    /// The pod's network, IPC and UTS namespaces (CreateSandbox), dropped by DestroySandbox.
+    namespaces: Mutex<Option<Arc<PodNamespaces>>>,
+    /// The pod's PID namespace once a container made it. Locked for the whole create of a
+    /// container that names it, so that two such creates make one namespace.
+    pid_namespace: Mutex<Option<PodPidNamespace>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether the process of the PID namespace's holder has exited (and been reaped).
+fn process_gone(holder: &PodPidNamespace) -> bool {
+    // SAFETY: pidfd_send_signal with signal 0 (a check only) and no siginfo.
+    let r = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, holder.init_pidfd.as_raw_fd(), 0, std::ptr::null::<u8>(), 0)
+    };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 impl Sandbox {
@@ -35,6 +56,8 @@ impl Sandbox {
             containers: Mutex::new(HashMap::new()),
             storages: Mutex::new(Vec::new()),
             id: Mutex::new(None),
+            namespaces: Mutex::new(None),
+            pid_namespace: Mutex::new(None),
         })
     }
 
@@ -50,6 +73,8 @@ impl Sandbox {
         if req.sandbox_id.is_empty() {
             return Err(AgentError::InvalidArgument("sandbox_id is empty".into()));
         }
+        let namespaces =
+            PodNamespaces::create(&req.hostname).map_err(|e| AgentError::internal("making the pod's namespaces", e))?;
         let mut mounted = Vec::new();
         for storage in &req.storages {
             let point = PathBuf::from(&storage.mount_point);
@@ -79,6 +104,7 @@ impl Sandbox {
             }
         }
         *self.storages.lock().unwrap_or_else(|e| e.into_inner()) = mounted;
+        *lock(&self.namespaces) = Some(Arc::new(namespaces));
         *id = Some(req.sandbox_id.clone());
         Ok(())
     }
@@ -95,6 +121,8 @@ impl Sandbox {
         for point in self.storages.lock().unwrap_or_else(|e| e.into_inner()).drain(..).rev() {
             let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
         }
+        *lock(&self.pid_namespace) = None;
+        *lock(&self.namespaces) = None;
         *self.id.lock().unwrap_or_else(|e| e.into_inner()) = None;
         first_error.map_or(Ok(()), Err)
     }
@@ -108,7 +136,7 @@ impl Sandbox {
             }
             containers.insert(id.clone(), Slot::Creating);
         }
-        match Container::create(&self.env, req) {
+        match self.create_in_pod(req) {
             Ok(c) => {
                 self.containers().insert(id, Slot::Ready(Arc::new(c)));
                 Ok(())
@@ -118,6 +146,48 @@ impl Sandbox {
                 Err(e)
             }
         }
+    }
+
+    /// Creates the container in the pod's namespaces that its spec names: network, IPC and
+    /// UTS from CreateSandbox; the PID namespace of the first container that names it, or
+    /// this container's new one, which then becomes the pod's.
+    fn create_in_pod(&self, req: &CreateContainerRequest) -> Result<Container, AgentError> {
+        let mut request = CreateRequest::check(req)?;
+        let id = request.id;
+        let pod = request.pod_namespaces;
+        let namespaces = match pod & !libc::CLONE_NEWPID {
+            0 => None,
+            _ => Some(lock(&self.namespaces).clone().ok_or_else(|| {
+                AgentError::FailedPrecondition(format!(
+                    "container {id} names the pod's namespaces, but there is no sandbox yet (CreateSandbox)"
+                ))
+            })?),
+        };
+        let mut enter = namespaces.as_ref().map(|n| n.to_enter(pod)).unwrap_or_default();
+        if pod & libc::CLONE_NEWPID == 0 {
+            return Container::create(&self.env, &request, &enter);
+        }
+        let mut pid_namespace = lock(&self.pid_namespace);
+        if let Some(holder) = pid_namespace.as_ref() {
+            enter.push((holder.init_pidfd.as_fd(), libc::CLONE_NEWPID));
+            return Container::create(&self.env, &request, &enter).map_err(|e| match process_gone(holder) {
+                true => AgentError::FailedPrecondition(format!(
+                    "container {id}: the pod's PID namespace is gone (its init, container {}'s, has exited): {e}",
+                    holder.container_id
+                )),
+                false => e,
+            });
+        }
+        // The first container in the pod's PID namespace makes it; its init is the
+        // namespace's init (CRI's pause process).
+        request.clone_flags |= libc::CLONE_NEWPID;
+        let container = Container::create(&self.env, &request, &enter)?;
+        let init_pidfd = container.init_pidfd().try_clone().map_err(|e| {
+            let _ = container.destroy(&self.env, Some(Duration::from_secs(30)));
+            AgentError::internal("holding the pod's PID namespace", e)
+        })?;
+        *pid_namespace = Some(PodPidNamespace { container_id: id.to_string(), init_pidfd });
+        Ok(container)
     }
 
     pub fn container(&self, id: &str) -> Result<Arc<Container>, AgentError> {

@@ -6,6 +6,7 @@
 //!   served as ttrpc service `nestbox.agent.v1.AgentService` on vsock port [`AGENT_PORT`];
 //! - [`hybrid`]: the host side of Firecracker-style hybrid vsock (a Unix socket into the VMM);
 //! - [`mount_options`]: mount option lists split into mount(2) flags and data;
+//! - [`pod`]: the reserved paths by which a container's spec names the pod's namespaces;
 //! - [`stdio`]: the header that opens a process's standard stream on [`IO_PORT`];
 //! - [`vsock_test`]: the guest's vsock test services, for tests of the VMM's vsock device.
 //!
@@ -19,6 +20,7 @@ include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 
 pub mod hybrid;
 pub mod mount_options;
+pub mod pod;
 pub mod stdio;
 pub mod vsock_test;
 

@@ -41,7 +41,10 @@ pub fn sandbox_error(context: &str, e: SandboxError) -> ttrpc::Error {
 /// failing to share its files is ours (Internal).
 pub fn spec_error(e: SpecError) -> ttrpc::Error {
     let code = match &e {
-        SpecError::Read { .. } | SpecError::Parse { .. } | SpecError::NoRoot { .. } => ttrpc::Code::INVALID_ARGUMENT,
+        SpecError::Read { .. }
+        | SpecError::Parse { .. }
+        | SpecError::NoRoot { .. }
+        | SpecError::HostNamespaces { .. } => ttrpc::Code::INVALID_ARGUMENT,
         _ => ttrpc::Code::INTERNAL,
     };
     status(code, e.to_string())

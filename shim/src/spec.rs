@@ -7,19 +7,19 @@
 //! oci-spec types, so it never saw such fields before either: nothing the guest acts on is
 //! lost.
 
-use crate::sandbox::agent::GUEST_SHARED_DIR;
+use crate::sandbox::agent::{GUEST_POD_SHM_DIR, GUEST_SHARED_DIR};
 use crate::sandbox::mounts::{self, MountError};
-use oci_spec::runtime::{Mount, Root, Spec};
+use nestbox_protocols::pod;
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Root, Spec};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The annotation containerd's CRI puts on every container of a pod.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// CRI's kind of container: `sandbox` (the pod's pause container) or `container`.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 /// The root a spec without `root.path` means (relative to the bundle), as runc reads it.
 const DEFAULT_ROOT: &str = "rootfs";
-/// What `/dev/shm` becomes in the guest: a tmpfs of its own, with the options and size
-/// containerd gives a container's shm.
-const GUEST_SHM_OPTIONS: [&str; 5] = ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -35,6 +35,57 @@ pub enum SpecError {
     Share { host_path: String, destination: String, error: Box<MountError> },
     #[error("encoding the spec: {0}")]
     Encode(serde_json::Error),
+    #[error(
+        "pod {pod} asks for the host's {namespaces} namespace{s}: nestbox runs each pod in a VM of its own, \
+         with its own kernel, and a pod in its own VM cannot share the host kernel's namespaces \
+         (Kata Containers documents host networking as unsupported for the same reason); \
+         run this pod with another runtime handler (runc)",
+        namespaces = namespaces.join(", "),
+        s = if namespaces.len() > 1 { "s" } else { "" }
+    )]
+    HostNamespaces { pod: String, namespaces: Vec<&'static str> },
+}
+
+/// What a container is to its pod, which decides the namespaces it gets in the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodRole {
+    /// CRI's sandbox (pause) container, or a container that is a pod of its own (`ctr
+    /// run`): it is the pod's first container and makes the pod's PID namespace.
+    Sandbox,
+    /// A further container of a CRI pod: it joins the pod's PID namespace only when its
+    /// spec names the pause container's (CRI's NamespaceMode POD).
+    Member,
+}
+
+impl PodRole {
+    pub fn of(annotations: &HashMap<String, String>) -> PodRole {
+        match annotations.get(CONTAINER_TYPE_ANNOTATION).map(String::as_str) {
+            Some("container") => PodRole::Member,
+            _ => PodRole::Sandbox,
+        }
+    }
+}
+
+/// Refuses a CRI pod that asks for the host's network, PID or IPC namespace (CRI's
+/// NamespaceMode NODE, which containerd writes as a sandbox spec without that namespace):
+/// the VM has its own kernel, so it cannot share the host's. Only CRI sandboxes: a `ctr
+/// run --net-host` container keeps the VM's own namespaces, as it always did.
+pub fn refuse_host_namespaces(spec: &Spec, annotations: &HashMap<String, String>, pod: &str) -> Result<(), SpecError> {
+    if annotations.get(CONTAINER_TYPE_ANNOTATION).map(String::as_str) != Some("sandbox") {
+        return Ok(());
+    }
+    let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
+    let has = |typ: LinuxNamespaceType| namespaces.into_iter().flatten().any(|n| n.typ() == typ);
+    let missing: Vec<&'static str> =
+        [(LinuxNamespaceType::Network, "network"), (LinuxNamespaceType::Pid, "PID"), (LinuxNamespaceType::Ipc, "IPC")]
+            .into_iter()
+            .filter(|(typ, _)| !has(*typ))
+            .map(|(_, name)| name)
+            .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(SpecError::HostNamespaces { pod: pod.to_string(), namespaces: missing })
 }
 
 /// Reads and parses `<bundle>/config.json`.
@@ -83,14 +134,13 @@ pub fn root_dir(spec: &Spec, bundle: &Path) -> Result<PathBuf, SpecError> {
 
 /// Rewrites the spec for the guest: its root becomes the shared rootfs, and every bind
 /// mount of a host path is shared through `<container_dir>/mounts/<n>` (host side) and
-/// read from there in the guest. `/dev/shm` becomes the guest's own tmpfs: shared memory
-/// through virtio-fs would be neither shared nor memory. Namespaces given by a host path
-/// (CRI gives a pod's containers the pause container's `/proc/<pid>/ns/...`) mean nothing
-/// in the guest: the container gets namespaces of its own there (the pod already shares the
-/// VM's network); sharing IPC/UTS/PID with the pod's other containers inside the guest is
-/// not done yet. On failure the caller removes `container_dir` (with what was bound there).
-pub fn rewrite_for_guest(spec: &mut Spec, id: &str, container_dir: &Path) -> Result<(), SpecError> {
-    drop_host_namespaces(spec, id);
+/// read from there in the guest. `/dev/shm` (containerd binds the pod's shm from the host)
+/// becomes the pod's shm in the guest, one tmpfs for all its containers: shared memory
+/// through virtio-fs would be neither shared nor memory. The namespaces become the pod's
+/// in the guest (see [`pod_namespaces`]). On failure the caller removes `container_dir`
+/// (with what was bound there).
+pub fn rewrite_for_guest(spec: &mut Spec, id: &str, role: PodRole, container_dir: &Path) -> Result<(), SpecError> {
+    pod_namespaces(spec, id, role);
     let guest_dir = format!("{GUEST_SHARED_DIR}/{id}");
     let mut root = spec.root().clone().unwrap_or_else(|| {
         // A spec without a root: give it only a path, as before, not oci-spec's default
@@ -107,9 +157,7 @@ pub fn rewrite_for_guest(spec: &mut Spec, id: &str, container_dir: &Path) -> Res
             continue;
         }
         if mount.destination() == Path::new("/dev/shm") {
-            mount.set_typ(Some("tmpfs".into()));
-            mount.set_source(Some("shm".into()));
-            mount.set_options(Some(GUEST_SHM_OPTIONS.iter().map(|o| o.to_string()).collect()));
+            mount.set_source(Some(PathBuf::from(GUEST_POD_SHM_DIR)));
             continue;
         }
         let destination = mount.destination().display().to_string();
@@ -131,19 +179,44 @@ fn is_bind(mount: &Mount) -> bool {
     mount.typ().as_deref() == Some("bind") || mount.options().iter().flatten().any(|o| o == "bind" || o == "rbind")
 }
 
-/// Namespaces given by host paths become new ones in the guest (see [`rewrite_for_guest`]).
-fn drop_host_namespaces(spec: &mut Spec, id: &str) {
+/// The spec's namespaces as the guest has them, named by the reserved paths of
+/// `nestbox_protocols::pod`: network, IPC and UTS are always the pod's (a VM is one pod,
+/// and CRI shares these within a pod); the PID namespace is the pod's for its sandbox
+/// container, which makes it, and for a member whose spec names the pause container's by
+/// a host path (NamespaceMode POD), otherwise a new one. Other namespaces given by host
+/// paths (`/proc/<pid>/ns/...` of the host) mean nothing in the guest: new ones there.
+fn pod_namespaces(spec: &mut Spec, id: &str, role: PodRole) {
     let Some(namespaces) = spec.linux_mut().as_mut().and_then(|linux| linux.namespaces_mut().as_mut()) else {
         return;
     };
     for ns in namespaces.iter_mut() {
-        if let Some(path) = ns.path().clone() {
-            log::info!(
-                "container {id}: {} namespace {} is a host path; a new one in the guest instead",
-                ns.typ(),
-                path.display()
-            );
-            ns.set_path(None);
+        let kind = match ns.typ() {
+            LinuxNamespaceType::Network => Some("net"),
+            LinuxNamespaceType::Ipc => Some("ipc"),
+            LinuxNamespaceType::Uts => Some("uts"),
+            LinuxNamespaceType::Pid if role == PodRole::Sandbox || ns.path().is_some() => Some("pid"),
+            _ => None,
+        };
+        match (kind, ns.path().clone()) {
+            (Some(kind), host_path) => {
+                if let Some(host_path) = host_path {
+                    log::info!(
+                        "container {id}: {} namespace {} is the pod's in the guest",
+                        ns.typ(),
+                        host_path.display()
+                    );
+                }
+                ns.set_path(Some(PathBuf::from(pod::namespace_path(kind))));
+            }
+            (None, Some(host_path)) => {
+                log::info!(
+                    "container {id}: {} namespace {} is a host path; a new one in the guest instead",
+                    ns.typ(),
+                    host_path.display()
+                );
+                ns.set_path(None);
+            }
+            (None, None) => {}
         }
     }
 }
@@ -180,36 +253,87 @@ mod tests {
         spec["linux"] = json!({"namespaces": [
             {"type": "mount"},
             {"type": "ipc", "path": "/proc/4242/ns/ipc"},
-            {"type": "network", "path": "/proc/4242/ns/net"}
+            {"type": "network", "path": "/proc/4242/ns/net"},
+            {"type": "pid"}
         ]});
         let mut typed = spec_of(spec);
-        rewrite_for_guest(&mut typed, "c1", &container_dir).expect("shared");
+        rewrite_for_guest(&mut typed, "c1", PodRole::Member, &container_dir).expect("shared");
         let spec = json_of(&typed);
         assert_eq!(spec["root"]["path"], "/run/nestbox/shared/c1/rootfs");
         assert_eq!(
             spec["linux"]["namespaces"],
-            json!([{"type": "mount"}, {"type": "ipc"}, {"type": "network"}]),
-            "host namespace paths dropped"
+            json!([
+                {"type": "mount"},
+                {"type": "ipc", "path": "/run/nestbox/pod/ns/ipc"},
+                {"type": "network", "path": "/run/nestbox/pod/ns/net"},
+                {"type": "pid"}
+            ]),
+            "host namespace paths are the pod's; a member's new PID namespace stays its own"
         );
         assert_eq!(spec["mounts"][0]["source"], "proc");
         assert_eq!(spec["mounts"][1]["source"], "/run/nestbox/shared/c1/mounts/1");
         assert_eq!(spec["mounts"][2]["source"], "/run/nestbox/shared/c1/mounts/2");
-        assert_eq!(spec["mounts"][3]["type"], "tmpfs");
+        assert_eq!(spec["mounts"][3]["source"], GUEST_POD_SHM_DIR, "the pod's shm in the guest");
         assert_eq!(std::fs::read_to_string(container_dir.join("mounts/1")).expect("bound"), "127.0.0.1 localhost\n");
         assert!(container_dir.join("mounts/2/hosts").exists());
         crate::sandbox::remove_dir(&container_dir).expect("cleanup");
         assert!(mounts::mounts_under(dir.path()).expect("table").is_empty());
 
         let mut relative = spec_of(json!({"mounts": [{"destination": "/x", "type": "bind", "source": "rel"}]}));
-        let err = rewrite_for_guest(&mut relative, "c2", &dir.path().join("c2")).expect_err("relative");
+        let err =
+            rewrite_for_guest(&mut relative, "c2", PodRole::Sandbox, &dir.path().join("c2")).expect_err("relative");
         assert!(err.to_string().contains("/x"));
     }
 
     #[test]
     fn a_spec_without_root_gets_only_the_guest_path() {
         let mut spec = spec_of(json!({}));
-        rewrite_for_guest(&mut spec, "c1", Path::new("/nonexistent")).expect("nothing to share");
+        rewrite_for_guest(&mut spec, "c1", PodRole::Sandbox, Path::new("/nonexistent")).expect("nothing to share");
         assert_eq!(json_of(&spec)["root"], json!({"path": "/run/nestbox/shared/c1/rootfs"}));
+    }
+
+    #[test]
+    fn pid_namespaces_by_role() {
+        let namespaces = |role: PodRole, pid: Value| {
+            let mut spec = spec_of(
+                json!({"linux": {"namespaces": [pid, {"type": "uts"}, {"type": "cgroup", "path": "/proc/1/ns/cgroup"}]}}),
+            );
+            pod_namespaces(&mut spec, "c", role);
+            json_of(&spec)["linux"]["namespaces"].clone()
+        };
+        let pod_pid = json!({"type": "pid", "path": "/run/nestbox/pod/ns/pid"});
+        let rest = [json!({"type": "uts", "path": "/run/nestbox/pod/ns/uts"}), json!({"type": "cgroup"})];
+        let want = |pid: &Value| json!([pid, rest[0], rest[1]]);
+        assert_eq!(namespaces(PodRole::Sandbox, json!({"type": "pid"})), want(&pod_pid), "the sandbox makes it");
+        let shared = json!({"type": "pid", "path": "/proc/77/ns/pid"});
+        assert_eq!(namespaces(PodRole::Member, shared), want(&pod_pid), "POD mode: the pause's is the pod's");
+        let own = json!({"type": "pid"});
+        assert_eq!(namespaces(PodRole::Member, own.clone()), want(&own), "CONTAINER mode: its own");
+
+        let cri = |kind: &str| HashMap::from([(CONTAINER_TYPE_ANNOTATION.to_string(), kind.to_string())]);
+        assert_eq!(PodRole::of(&cri("container")), PodRole::Member);
+        assert_eq!(PodRole::of(&cri("sandbox")), PodRole::Sandbox);
+        assert_eq!(PodRole::of(&HashMap::new()), PodRole::Sandbox, "ctr run: a pod of its own");
+    }
+
+    #[test]
+    fn host_namespaces_of_a_cri_pod_are_refused_by_name() {
+        let cri = |kind: &str| HashMap::from([(CONTAINER_TYPE_ANNOTATION.to_string(), kind.to_string())]);
+        let with = |types: &[&str]| {
+            let namespaces: Vec<Value> = types.iter().map(|t| json!({"type": t})).collect();
+            spec_of(json!({"linux": {"namespaces": namespaces}}))
+        };
+        let all = with(&["pid", "ipc", "uts", "mount", "network"]);
+        refuse_host_namespaces(&all, &cri("sandbox"), "p").expect("a pod of its own namespaces");
+        let host_net = with(&["pid", "ipc", "mount"]);
+        let err = refuse_host_namespaces(&host_net, &cri("sandbox"), "p1").expect_err("host network").to_string();
+        assert!(err.contains("pod p1 asks for the host's network namespace:"), "{err}");
+        assert!(err.contains("cannot share the host kernel's namespaces"), "{err}");
+        let host_pid_ipc = with(&["uts", "mount", "network"]);
+        let err = refuse_host_namespaces(&host_pid_ipc, &cri("sandbox"), "p2").expect_err("host PID, IPC").to_string();
+        assert!(err.contains("the host's PID, IPC namespaces:"), "{err}");
+        refuse_host_namespaces(&host_net, &HashMap::new(), "ctr").expect("not a CRI pod: the VM's own");
+        refuse_host_namespaces(&host_net, &cri("container"), "p3").expect("a member: its pod was checked");
     }
 
     #[test]

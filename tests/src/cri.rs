@@ -221,9 +221,9 @@ impl Cri {
     }
 }
 
-/// Namespace modes of a pod and its containers. `Node` shares the host's, which for a
-/// nestbox pod is its VM's; a pod network (`Pod`) would need CNI, which these pods go
-/// without.
+/// Namespace modes of a pod and its containers. `Node` shares the host's, which nestbox
+/// refuses (a pod in its own VM cannot share the host kernel's namespaces); a pod network
+/// (`Pod`) needs CNI: the harness's `Options::pod_network`.
 pub fn namespaces(
     network: api::NamespaceMode,
     ipc: api::NamespaceMode,

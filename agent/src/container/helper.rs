@@ -15,6 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use nestbox_protocols::pod;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, PosixRlimit, PosixRlimitType, Process, Spec};
 
@@ -107,10 +108,12 @@ fn build_container(spec: &Spec) -> Result<()> {
 }
 
 /// Joins the IPC, UTS and cgroup namespaces the spec names by path (the agent refused any
-/// other kind), then makes a new cgroup namespace if one is asked for without a path.
+/// other kind), then makes a new cgroup namespace if one is asked for without a path. The
+/// pod's namespaces (reserved paths, see `nestbox_protocols::pod`) are not files: this
+/// process was created in them.
 fn join_namespaces(namespaces: &[LinuxNamespace]) -> Result<()> {
     for ns in namespaces {
-        let Some(path) = ns.path() else { continue };
+        let Some(path) = ns.path().as_deref().filter(|p| pod::namespace_kind(p).is_none()) else { continue };
         let flag = match ns.typ() {
             LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
             LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,

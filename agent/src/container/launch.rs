@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,10 +41,11 @@ pub struct LaunchSpec<'a> {
     pub console: Option<(u16, u16)>,
     pub stdio: &'a Stdio,
     pub clone_flags: i32,
-    /// For an exec: the container's init, whose namespaces are joined...
+    /// For an exec: the container's init, whose namespaces the helper joins.
     pub join: Option<&'a OwnedFd>,
-    /// ...its PID namespace included (when the container has one of its own).
-    pub join_pid_ns: bool,
+    /// Namespaces the process is created in (entered before the clone, see
+    /// `spawn::spawn_helper`): the pod's for a new container, the PID one for an exec.
+    pub enter: &'a [(BorrowedFd<'a>, i32)],
 }
 
 /// Kills a process that is still being set up and reaps it before returning, so the
@@ -61,8 +62,7 @@ pub fn set_up(env: &Env, cgroup: &Cgroup, spec: LaunchSpec<'_>) -> Result<Launch
         process::prepare(spec.stdio, spec.console).map_err(|e| AgentError::Internal(e.to_string()))?;
     let (control, helper_end) = spawn::control_pair().map_err(|e| AgentError::internal("control socket", e))?;
     let fds = ChildFds { stdio: child_io.raw(), control: &helper_end, pidfd: spec.join };
-    let join_pid_ns = spec.join.filter(|_| spec.join_pid_ns);
-    let (pid, exit) = spawn::spawn_helper(&env.reaper, &env.exe, spec.clone_flags, &fds, join_pid_ns)
+    let (pid, exit) = spawn::spawn_helper(&env.reaper, &env.exe, spec.clone_flags, &fds, spec.enter)
         .map_err(|e| AgentError::internal("starting the container process", e))?;
     // The process's ends belong to it now.
     drop(child_io);

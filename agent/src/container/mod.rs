@@ -25,12 +25,11 @@ mod validate;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nestbox_protocols::agent::CreateContainerRequest;
 use nestbox_protocols::stdio::validate_id;
 use nestbox_protocols::types::{CgroupStats, Stdio, Storage};
 use oci_spec::runtime::LinuxResources;
@@ -43,7 +42,7 @@ use crate::reaper::{Exit, SignalError};
 pub use env::Env;
 use launch::{LaunchSpec, Launched};
 use spawn::Mode;
-use validate::CreateRequest;
+pub use validate::CreateRequest;
 
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -120,18 +119,22 @@ fn check_rootfs(root: &Path) -> Result<(), AgentError> {
 }
 
 impl Container {
-    /// Validates the request, then builds the container up to its ready init process.
-    /// On any error everything made so far is undone.
-    pub fn create(env: &Env, req: &CreateContainerRequest) -> Result<Container, AgentError> {
-        let request = CreateRequest::check(req)?;
+    /// Builds the container of a checked request up to its ready init process, created in
+    /// the namespaces to `enter` (the pod's it names, see `nestbox_protocols::pod`). On any
+    /// error everything made so far is undone.
+    pub fn create(
+        env: &Env,
+        request: &CreateRequest<'_>,
+        enter: &[(BorrowedFd<'_>, i32)],
+    ) -> Result<Container, AgentError> {
         let hierarchy = env.cgroups.as_ref().map_err(|e| AgentError::FailedPrecondition(e.clone()))?;
 
         // From here on, each step is undone if a later one fails.
-        let storages = mount_storages(&req.storages)?;
+        let storages = mount_storages(request.storages)?;
         // The rootfs is checked after the storages: it may live on one of them.
         let made = check_rootfs(&request.root)
             .and_then(|()| hierarchy.create(request.id).map_err(|e| AgentError::internal("creating the cgroup", e)))
-            .and_then(|cgroup| match Self::ready_init(env, &request, &cgroup) {
+            .and_then(|cgroup| match Self::ready_init(env, request, &cgroup, enter) {
                 Ok(init) => Ok((cgroup, init)),
                 Err(e) => {
                     let _ = cgroup.remove(Duration::from_secs(5));
@@ -164,7 +167,12 @@ impl Container {
 
     /// In the new cgroup: applies the resources, watches for OOM kills, and sets up the
     /// init process until it waits for its start byte.
-    fn ready_init(env: &Env, request: &CreateRequest<'_>, cgroup: &Cgroup) -> Result<ReadyInit, AgentError> {
+    fn ready_init(
+        env: &Env,
+        request: &CreateRequest<'_>,
+        cgroup: &Cgroup,
+        enter: &[(BorrowedFd<'_>, i32)],
+    ) -> Result<ReadyInit, AgentError> {
         if let Some(resources) = request.spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
             cgroup.apply(resources).map_err(|e| invalid(format!("resources: {e}")))?;
         }
@@ -183,7 +191,7 @@ impl Container {
                 stdio: &request.stdio,
                 clone_flags: request.clone_flags,
                 join: None,
-                join_pid_ns: false,
+                enter,
             },
         )?;
         let pid = launched.process.pid;
@@ -193,6 +201,12 @@ impl Container {
             AgentError::internal("pidfd of the container's init", e)
         })?;
         Ok(ReadyInit { launched, pidfd, oom })
+    }
+
+    /// The init process as a pidfd: its PID namespace is the pod's when this container
+    /// made it (see `Sandbox::create_container`).
+    pub fn init_pidfd(&self) -> &OwnedFd {
+        &self.init_pidfd
     }
 
     pub fn state(&self) -> State {
@@ -246,6 +260,10 @@ impl Container {
             }
             execs.insert(exec_id.to_string(), None);
         }
+        // Created in the container's PID namespace (its own or the pod's); the helper joins
+        // the others through the same pidfd.
+        let enter_pid = [(self.init_pidfd.as_fd(), libc::CLONE_NEWPID)];
+        let enter: &[(BorrowedFd<'_>, i32)] = if self.has_pid_ns { &enter_pid } else { &[] };
         let result = launch::set_up(
             env,
             &self.cgroup,
@@ -259,7 +277,7 @@ impl Container {
                 stdio,
                 clone_flags: 0,
                 join: Some(&self.init_pidfd),
-                join_pid_ns: self.has_pid_ns,
+                enter,
             },
         )
         .and_then(|launched| {

@@ -17,7 +17,7 @@
 
 use std::ffi::CString;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -98,33 +98,50 @@ pub struct ChildFds<'a> {
 }
 
 /// Clones a child with `clone_flags` (namespaces) and executes the helper in it; the child
-/// is registered with the reaper before it can exit. With `join_pid_ns`, the child is
-/// created in that process's PID namespace: the clone runs on a short-lived thread that
-/// joined it first (setns on a PID namespace only affects the caller's future children,
-/// and only that thread's).
+/// is registered with the reaper before it can exit. With namespaces to `enter` (a
+/// descriptor of each and its clone flag: a pidfd for a PID namespace, a namespace file
+/// for the others), the child is created in them: the clone runs on a short-lived thread
+/// that entered them first (setns changes only the calling thread, and for a PID namespace
+/// only that thread's future children), so the agent's own threads stay where they are.
 pub fn spawn_helper(
     reaper: &Reaper,
     exe: &OwnedFd,
     clone_flags: libc::c_int,
     fds: &ChildFds<'_>,
-    join_pid_ns: Option<&OwnedFd>,
+    enter: &[(BorrowedFd<'_>, libc::c_int)],
 ) -> io::Result<(i32, Arc<ExitCell>)> {
     let sources =
         [fds.stdio[0], fds.stdio[1], fds.stdio[2], fds.control.as_raw_fd(), fds.pidfd.map_or(-1, |f| f.as_raw_fd())];
     let exe = exe.as_raw_fd();
-    match join_pid_ns {
-        None => reaper.spawn(|| clone_exec(clone_flags, &sources, exe)),
-        Some(pidfd) => std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on this thread only; the pidfd is a valid open descriptor.
-                if unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
-                    return Err(io::Error::last_os_error());
+    if enter.is_empty() {
+        return reaper.spawn(|| clone_exec(clone_flags, &sources, exe));
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for (fd, flag) in enter {
+                // SAFETY: setns on this thread only, with a valid open descriptor.
+                if unsafe { libc::setns(fd.as_raw_fd(), *flag) } != 0 {
+                    let e = io::Error::last_os_error();
+                    return Err(io::Error::new(e.kind(), format!("entering the {} namespace: {e}", flag_name(*flag))));
                 }
-                reaper.spawn(|| clone_exec(clone_flags, &sources, exe))
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
-        }),
+            }
+            reaper.spawn(|| clone_exec(clone_flags, &sources, exe))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
+    })
+}
+
+/// A namespace clone flag's name, for errors.
+pub fn flag_name(flag: libc::c_int) -> &'static str {
+    match flag {
+        libc::CLONE_NEWPID => "PID",
+        libc::CLONE_NEWNET => "network",
+        libc::CLONE_NEWIPC => "IPC",
+        libc::CLONE_NEWUTS => "UTS",
+        libc::CLONE_NEWNS => "mount",
+        libc::CLONE_NEWCGROUP => "cgroup",
+        _ => "unknown",
     }
 }
 

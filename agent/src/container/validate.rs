@@ -2,11 +2,12 @@
 //! the namespaces the agent supports, the seccomp profile, capabilities. A request that
 //! fails here is INVALID_ARGUMENT and leaves nothing behind.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nestbox_protocols::agent::CreateContainerRequest;
+use nestbox_protocols::pod;
 use nestbox_protocols::stdio::validate_id;
-use nestbox_protocols::types::Stdio;
+use nestbox_protocols::types::{Stdio, Storage};
 use oci_spec::runtime::{LinuxNamespaceType, Process as OciProcess, Spec};
 
 use super::{caps, seccomp};
@@ -20,11 +21,18 @@ pub struct CreateRequest<'a> {
     pub spec: Spec,
     pub process: OciProcess,
     pub stdio: Stdio,
+    /// Mounted before the container is created.
+    pub storages: &'a [Storage],
     /// The container's root file system, an absolute guest path.
     pub root: PathBuf,
     /// Clone flags of the namespaces the container gets new.
     pub clone_flags: i32,
+    /// The container has a PID namespace other than the agent's (new or the pod's): its
+    /// execs join it.
     pub has_pid_ns: bool,
+    /// The pod's namespaces the spec names (by their reserved paths, see
+    /// `nestbox_protocols::pod`), which the sandbox resolves: as clone flags.
+    pub pod_namespaces: i32,
 }
 
 impl<'a> CreateRequest<'a> {
@@ -42,21 +50,63 @@ impl<'a> CreateRequest<'a> {
         if !root.is_absolute() {
             return Err(invalid(format!("root.path {} is not absolute (it must be a guest path)", root.display())));
         }
-        let (clone_flags, has_pid_ns) = namespace_flags(&spec)?;
+        let NamespaceFlags { new: clone_flags, pod: pod_namespaces } = namespace_flags(&spec)?;
+        let has_pid_ns = (clone_flags | pod_namespaces) & libc::CLONE_NEWPID != 0;
         if let Some(profile) = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
             seccomp::compile(profile).map_err(|e| invalid(e.to_string()))?;
         }
-        Ok(CreateRequest { id, spec_json, spec, process, stdio, root, clone_flags, has_pid_ns })
+        Ok(CreateRequest {
+            id,
+            spec_json,
+            spec,
+            process,
+            stdio,
+            storages: &req.storages,
+            root,
+            clone_flags,
+            has_pid_ns,
+            pod_namespaces,
+        })
     }
 }
 
+/// The spec's namespaces as clone flags: those the container gets new, and those of the
+/// pod it joins.
+struct NamespaceFlags {
+    new: i32,
+    pod: i32,
+}
+
+/// The clone flag of a pod namespace kind (`nestbox_protocols::pod::NAMESPACE_KINDS`).
+fn pod_namespace_flag(typ: LinuxNamespaceType, path: &Path) -> Result<Option<i32>, AgentError> {
+    let Some(kind) = pod::namespace_kind(path) else { return Ok(None) };
+    let kind = kind.map_err(invalid)?;
+    let flag = match (typ, kind) {
+        (LinuxNamespaceType::Network, "net") => libc::CLONE_NEWNET,
+        (LinuxNamespaceType::Ipc, "ipc") => libc::CLONE_NEWIPC,
+        (LinuxNamespaceType::Uts, "uts") => libc::CLONE_NEWUTS,
+        (LinuxNamespaceType::Pid, "pid") => libc::CLONE_NEWPID,
+        _ => {
+            return Err(invalid(format!(
+                "a {typ:?} namespace cannot be the pod's {kind} namespace ({})",
+                path.display()
+            )))
+        }
+    };
+    Ok(Some(flag))
+}
+
 /// Clone flags for the spec's namespaces, after checking they are ones the agent supports.
-fn namespace_flags(spec: &Spec) -> Result<(i32, bool), AgentError> {
-    let mut flags = 0;
+fn namespace_flags(spec: &Spec) -> Result<NamespaceFlags, AgentError> {
+    let (mut flags, mut pod) = (0, 0);
     let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
     for ns in namespaces.into_iter().flatten() {
+        if let Some(flag) = ns.path().as_deref().map(|p| pod_namespace_flag(ns.typ(), p)).transpose()?.flatten() {
+            pod |= flag;
+            continue;
+        }
         let flag = match ns.typ() {
-            // The pod shares the VM's network: there is nothing else to join in a guest.
+            // Not the pod's (only a spec the shim did not rewrite): the VM's network.
             LinuxNamespaceType::Network => continue,
             LinuxNamespaceType::Pid if ns.path().is_none() => libc::CLONE_NEWPID,
             LinuxNamespaceType::Mount if ns.path().is_none() => libc::CLONE_NEWNS,
@@ -76,7 +126,7 @@ fn namespace_flags(spec: &Spec) -> Result<(i32, bool), AgentError> {
     if flags & libc::CLONE_NEWNS == 0 {
         return Err(invalid("the spec must ask for a new mount namespace (the container gets its own root)"));
     }
-    Ok((flags, flags & libc::CLONE_NEWPID != 0))
+    Ok(NamespaceFlags { new: flags, pod })
 }
 
 /// The namespaces (clone flags) an exec joins besides the PID one: those of the spec's
@@ -85,6 +135,7 @@ pub fn exec_join_flags(spec: &Spec) -> i32 {
     let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
     [
         (LinuxNamespaceType::Mount, libc::CLONE_NEWNS),
+        (LinuxNamespaceType::Network, libc::CLONE_NEWNET),
         (LinuxNamespaceType::Ipc, libc::CLONE_NEWIPC),
         (LinuxNamespaceType::Uts, libc::CLONE_NEWUTS),
         (LinuxNamespaceType::Cgroup, libc::CLONE_NEWCGROUP),

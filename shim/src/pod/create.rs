@@ -30,6 +30,8 @@ impl Pod {
         let mut spec = spec::read(Path::new(&req.bundle)).map_err(spec_error)?;
         let annotations = spec.annotations().clone().unwrap_or_default();
         let sandbox_id = spec::pod_id(&annotations, id);
+        // Before anything exists: a refused pod leaves nothing behind.
+        spec::refuse_host_namespaces(&spec, &annotations, &sandbox_id).map_err(spec_error)?;
 
         let _creating = self.create_lock.lock().unwrap_or_else(|e| e.into_inner());
         let sandbox = self.claim_pod(id, &sandbox_id)?;
@@ -175,7 +177,8 @@ impl Pod {
             let mount = MountSpec { kind: m.type_.clone(), source: m.source.clone(), options: m.options.clone() };
             mounts::mount(&mount, &rootfs).map_err(|e| internal(format!("mounting the rootfs: {e}")))?;
         }
-        spec::rewrite_for_guest(spec, &req.id, container_dir).map_err(spec_error)
+        let role = spec::PodRole::of(&spec.annotations().clone().unwrap_or_default());
+        spec::rewrite_for_guest(spec, &req.id, role, container_dir).map_err(spec_error)
     }
 
     /// Creates the container in the guest and attaches its standard streams.

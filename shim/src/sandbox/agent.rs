@@ -20,6 +20,12 @@ use std::time::{Duration, Instant};
 pub const GUEST_SHARED_DIR: &str = "/run/nestbox/shared";
 /// The virtio-fs tag of the shared directory.
 pub const FS_TAG: &str = "nestbox";
+/// The pod's shared memory in the guest: one tmpfs that every container of the pod has as
+/// its `/dev/shm` (containerd binds one shm per pod from the host, which through virtio-fs
+/// would be neither shared nor memory).
+pub const GUEST_POD_SHM_DIR: &str = "/run/nestbox/shm";
+/// Its mount options: what containerd gives a pod's shm (64 MiB).
+const GUEST_POD_SHM_OPTIONS: [&str; 5] = ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -135,14 +141,24 @@ impl Agent {
         let req = agent::CreateSandboxRequest {
             sandbox_id: sandbox_id.to_string(),
             hostname: hostname.to_string(),
-            storages: vec![types::Storage {
-                driver: "virtiofs".into(),
-                source: FS_TAG.into(),
-                fstype: "virtiofs".into(),
-                options: vec!["nodev".into()],
-                mount_point: GUEST_SHARED_DIR.into(),
-                ..Default::default()
-            }],
+            storages: vec![
+                types::Storage {
+                    driver: "virtiofs".into(),
+                    source: FS_TAG.into(),
+                    fstype: "virtiofs".into(),
+                    options: vec!["nodev".into()],
+                    mount_point: GUEST_SHARED_DIR.into(),
+                    ..Default::default()
+                },
+                types::Storage {
+                    driver: "tmpfs".into(),
+                    source: "shm".into(),
+                    fstype: "tmpfs".into(),
+                    options: GUEST_POD_SHM_OPTIONS.iter().map(|o| o.to_string()).collect(),
+                    mount_point: GUEST_POD_SHM_DIR.into(),
+                    ..Default::default()
+                },
+            ],
             // Every sandbox, cold or restored, gets its own seed and the host's time: a
             // restored guest otherwise shares both with every other copy of its template.
             random_seed: host_random_seed()?,
