@@ -1,22 +1,101 @@
-//! A CRI pod as kubelet drives one, under a private containerd with the CRI plugin, with
-//! runc and with nestbox as the runtime handler: RunPodSandbox, CreateContainer and
-//! StartContainer of a busybox container, ExecSync (output and exit codes),
-//! ContainerStatus, StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox, and
-//! then nothing left: no pod, no sandbox directory, no VMM.
+//! CRI pods as kubelet drives them, under a private containerd with the CRI plugin, with
+//! runc (the reference) and with nestbox as the runtime handler. One pod per runtime
+//! carries every check (a nestbox pod start costs half a minute and more here):
 //!
-//! The pods have kubelet's default namespaces: a network namespace of the pod (CNI's bridge,
-//! inside a network namespace of the test's own; a nestbox guest has only loopback until it
-//! has networking), a pod IPC namespace and a PID namespace per container. The nestbox pod
-//! is the first of its shape, so it makes the warm-start template (one guest boot, minutes
-//! here) and is restored from it.
+//! - a pod asking for the host's network namespace is refused by nestbox at
+//!   RunPodSandbox, naming the namespace, and leaves nothing behind;
+//! - the pod (its own network namespace from CNI, pod IPC, a shared PID namespace, a
+//!   hostname) with three busybox containers: `one` and `two` in the pod's PID namespace,
+//!   `three` in one of its own; an emptyDir (a host folder) in all three;
+//! - all three see one kernel (nestbox: the guest's, not the host's) and the pod's hostname,
+//!   network, IPC and UTS namespaces; a SysV shm segment and a /dev/shm file made in `one`
+//!   are seen in `two` and `three`; `one` and `two` see each other's processes and the pause
+//!   process as PID 1, `three` sees neither; a file `one` writes to the emptyDir is read by
+//!   `two` and on the host;
+//! - ExecSync output and exit codes, ContainerStatus, ListContainers, StopContainer,
+//!   RemoveContainer, StopPodSandbox, RemovePodSandbox, and then nothing left: no pod, no
+//!   sandbox directory, no VMM, no shim, no mount (the pod's network namespace included).
+//!
+//! Until nestbox has networking its guest has only loopback, though CNI set the pod's
+//! namespace up on the host. The nestbox pod is the first of its shape, so it makes the
+//! warm-start template (one guest boot, minutes here) and is restored from it.
 
-use nestbox_tests::containerd::{Containerd, Options, BUSYBOX};
-use nestbox_tests::cri::{api::ContainerState, api::NamespaceMode, container_config, namespaces, pod_config};
-use nestbox_tests::GUEST_DEADLINE;
-use std::time::Duration;
+use nestbox_tests::containerd::{mounts_under, Containerd, Options, BUSYBOX};
+use nestbox_tests::cri::{api, api::ContainerState, api::NamespaceMode, container_config, namespaces, pod_config};
+use nestbox_tests::{guest_binary, host_kernel_release, GUEST_DEADLINE};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// One CRI call that does not start a VM.
 const QUICK: Duration = Duration::from_secs(60);
+/// The pod's hostname (PodSandboxConfig.hostname).
+const HOSTNAME: &str = "nbx-pod";
+/// The SysV shm key `one` makes a segment with.
+const SHM_KEY: &str = "4242";
+/// What each container runs: a sleep with an argument of its own, so `ps` tells them apart.
+const WORKLOADS: [(&str, &str); 3] = [("one", "3601"), ("two", "3602"), ("three", "3603")];
+/// Facts a container reports about itself, one `key=value` line each.
+const FACTS: &str = "echo kernel=$(uname -r); echo hostname=$(hostname); \
+    for n in net ipc uts pid; do echo $n=$(/bin/busybox readlink /proc/self/ns/$n); done; \
+    echo pid1=$(cat /proc/1/cmdline | /bin/busybox tr '\\0' ' ')";
+
+struct Pod<'a> {
+    c: &'a Containerd,
+    deadline: Duration,
+}
+
+impl Pod<'_> {
+    fn context(&self) -> String {
+        format!("containerd log tail:\n{}", self.c.log_tail(60))
+    }
+
+    /// ExecSync of `cmd` in `container`, which must succeed; its stdout.
+    fn exec(&self, container: &str, cmd: &[&str]) -> String {
+        let out = self
+            .c
+            .cri()
+            .exec_sync(container, cmd, 0, self.deadline)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.context()));
+        assert_eq!(out.exit_code, 0, "{cmd:?} in {container}: {out:?}");
+        out.stdout
+    }
+
+    fn facts(&self, container: &str) -> HashMap<String, String> {
+        let out = self.exec(container, &["sh", "-c", FACTS]);
+        out.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.trim().to_string())).collect()
+    }
+
+    /// Which of the workloads' sleeps `container` sees in its PID namespace.
+    fn sees(&self, container: &str) -> Vec<&'static str> {
+        let ps = self.exec(container, &["ps"]);
+        WORKLOADS.iter().filter(|(_, arg)| ps.contains(&format!("sleep {arg}"))).map(|(name, _)| *name).collect()
+    }
+}
+
+/// A pod on the host's network: nestbox refuses it by name, before any VM, and nothing of
+/// it stays (containerd removes the sandbox; the shim it started ends).
+fn host_network_is_refused(c: &Containerd, logs: &Path) {
+    let ns = namespaces(NamespaceMode::Node, NamespaceMode::Pod, NamespaceMode::Container);
+    let config = pod_config("hostnet", &std::process::id().to_string(), logs, ns);
+    let started = Instant::now();
+    let err = c.cri().run_pod_sandbox(&config, "nestbox", GUEST_DEADLINE).expect_err("a host-network pod");
+    let message = err.to_string();
+    assert!(message.contains("asks for the host's network namespace"), "{message}");
+    assert!(message.contains("cannot share the host kernel's namespaces"), "{message}");
+    assert!(started.elapsed() < QUICK, "refused before any VM: {:?}", started.elapsed());
+    assert!(c.cri().list_pod_sandbox(QUICK).expect("ListPodSandbox").is_empty(), "the refused pod is gone");
+    c.assert_clean();
+    wait_for_no_shims(c);
+}
+
+fn wait_for_no_shims(c: &Containerd) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(c.shim_pids().is_empty() && c.shims_of("runc").is_empty()) {
+        assert!(Instant::now() < deadline, "shims left: {:?} {:?}", c.shim_pids(), c.shims_of("runc"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
 
 fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     let options = Options { cri: true, pod_network: true, ..Default::default() };
@@ -25,40 +104,113 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     let cri = c.cri();
     let logs = c.dir.join("pod-logs");
     std::fs::create_dir_all(&logs).expect("creating the pod's log folder");
-    let ns = namespaces(NamespaceMode::Pod, NamespaceMode::Pod, NamespaceMode::Container);
-    let sandbox = pod_config(&format!("smoke-{handler}"), &std::process::id().to_string(), &logs, ns.clone());
-    let context = || format!("containerd log tail:\n{}", c.log_tail(60));
+    if handler == "nestbox" {
+        host_network_is_refused(&c, &logs);
+    }
+    // The emptyDir, and the static SysV shm tool (busybox has no ipcmk) in a read-only one.
+    let (empty_dir, tools) = (c.dir.join("empty-dir"), c.dir.join("tools"));
+    for dir in [&empty_dir, &tools] {
+        std::fs::create_dir_all(dir).expect("creating a volume folder");
+    }
+    std::fs::copy(guest_binary("sysv-shm"), tools.join("sysv-shm")).expect("copying sysv-shm");
+    let volume = |host: &Path, path: &str, readonly| api::Mount {
+        container_path: path.into(),
+        host_path: host.to_string_lossy().into_owned(),
+        readonly,
+        ..Default::default()
+    };
 
-    let pod = cri.run_pod_sandbox(&sandbox, handler, deadline).unwrap_or_else(|e| panic!("{e}\n{}", context()));
-    let config = container_config("work", BUSYBOX, &["/bin/sh", "-c", "echo started; exec sleep 3600"], "work.log", ns);
-    let container =
-        cri.create_container(&pod, &config, &sandbox, deadline).unwrap_or_else(|e| panic!("{e}\n{}", context()));
-    cri.start_container(&container, deadline).unwrap_or_else(|e| panic!("{e}\n{}", context()));
-    let status = cri.container_status(&container, QUICK).expect("ContainerStatus");
-    assert_eq!(status.state, ContainerState::ContainerRunning as i32, "{status:?}");
+    let shared_pid = namespaces(NamespaceMode::Pod, NamespaceMode::Pod, NamespaceMode::Pod);
+    let mut sandbox = pod_config(&format!("ns-{handler}"), &std::process::id().to_string(), &logs, shared_pid);
+    sandbox.hostname = HOSTNAME.into();
+    let p = Pod { c: &c, deadline };
+    let pod = cri.run_pod_sandbox(&sandbox, handler, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+    let mut ids = HashMap::new();
+    for (name, arg) in WORKLOADS {
+        let pid = if name == "three" { NamespaceMode::Container } else { NamespaceMode::Pod };
+        let ns = namespaces(NamespaceMode::Pod, NamespaceMode::Pod, pid);
+        let script = format!("echo started; exec sleep {arg}");
+        let mut config = container_config(name, BUSYBOX, &["/bin/sh", "-c", &script], &format!("{name}.log"), ns);
+        config.mounts = vec![volume(&empty_dir, "/shared", false), volume(&tools, "/tools", true)];
+        let id =
+            cri.create_container(&pod, &config, &sandbox, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+        cri.start_container(&id, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+        ids.insert(name, id);
+    }
+    let [one, two, three] = ["one", "two", "three"].map(|n| ids[n].as_str());
+    for id in [one, two, three] {
+        let status = cri.container_status(id, QUICK).expect("ContainerStatus");
+        assert_eq!(status.state, ContainerState::ContainerRunning as i32, "{status:?}");
+    }
 
-    let hi = cri.exec_sync(&container, &["echo", "hi"], 0, deadline).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    check_namespaces(&p, handler, [one, two, three]);
+    check_sharing(&p, [one, two, three], &empty_dir);
+
+    let hi = cri.exec_sync(one, &["echo", "hi"], 0, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
     assert_eq!((hi.stdout.as_str(), hi.exit_code), ("hi\n", 0), "{hi:?}");
-    let failing = cri.exec_sync(&container, &["sh", "-c", "echo oops >&2; exit 3"], 0, deadline).expect("ExecSync");
+    let failing = cri.exec_sync(one, &["sh", "-c", "echo oops >&2; exit 3"], 0, deadline).expect("ExecSync");
     assert_eq!((failing.stderr.as_str(), failing.exit_code), ("oops\n", 3), "{failing:?}");
-    let listed = cri.list_containers(Some(&pod), QUICK).expect("ListContainers");
-    assert_eq!(listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), [container.as_str()]);
+    let mut listed: Vec<String> =
+        cri.list_containers(Some(&pod), QUICK).expect("ListContainers").into_iter().map(|c| c.id).collect();
+    listed.sort();
+    let mut want: Vec<String> = ids.values().cloned().collect();
+    want.sort();
+    assert_eq!(listed, want);
 
-    cri.stop_container(&container, 10, deadline).unwrap_or_else(|e| panic!("{e}\n{}", context()));
-    let status = cri.container_status(&container, QUICK).expect("ContainerStatus");
-    assert_eq!(status.state, ContainerState::ContainerExited as i32, "{status:?}");
-    cri.remove_container(&container, deadline).expect("RemoveContainer");
-    cri.stop_pod_sandbox(&pod, deadline).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    for id in [three, two, one] {
+        cri.stop_container(id, 10, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+        let status = cri.container_status(id, QUICK).expect("ContainerStatus");
+        assert_eq!(status.state, ContainerState::ContainerExited as i32, "{status:?}");
+        cri.remove_container(id, deadline).expect("RemoveContainer");
+    }
+    cri.stop_pod_sandbox(&pod, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
     cri.remove_pod_sandbox(&pod, deadline).expect("RemovePodSandbox");
 
     assert!(cri.list_pod_sandbox(QUICK).expect("ListPodSandbox").is_empty(), "pods left");
     assert!(cri.list_containers(None, QUICK).expect("ListContainers").is_empty(), "containers left");
     c.assert_clean();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !(c.shim_pids().is_empty() && c.shims_of("runc").is_empty()) {
-        assert!(std::time::Instant::now() < deadline, "shims left: {:?} {:?}", c.shim_pids(), c.shims_of("runc"));
-        std::thread::sleep(Duration::from_millis(200));
+    wait_for_no_shims(&c);
+    let mounts = mounts_under(&c.dir);
+    assert!(mounts.is_empty(), "mounts left (rootfs, the pod's network namespace): {mounts:?}");
+}
+
+/// One kernel, the pod's hostname and namespaces; PID namespaces as asked.
+fn check_namespaces(p: &Pod, handler: &str, [one, two, three]: [&str; 3]) {
+    let facts = [one, two, three].map(|id| p.facts(id));
+    let host_kernel = host_kernel_release();
+    for f in &facts {
+        assert_eq!(f["kernel"], facts[0]["kernel"], "one kernel for the pod: {facts:?}");
+        assert_eq!(f["hostname"], HOSTNAME, "the pod's hostname: {facts:?}");
+        for ns in ["net", "ipc", "uts"] {
+            assert_eq!(f[ns], facts[0][ns], "the pod's {ns} namespace: {facts:?}");
+        }
     }
+    match handler {
+        "nestbox" => {
+            assert_ne!(facts[0]["kernel"], host_kernel, "the guest's kernel, not the host's");
+            assert!(facts[0]["kernel"].contains("nestbox"), "{facts:?}");
+        }
+        _ => assert_eq!(facts[0]["kernel"], host_kernel, "runc: the host's kernel"),
+    }
+    assert_eq!(facts[0]["pid"], facts[1]["pid"], "one and two share the pod's PID namespace");
+    assert_ne!(facts[0]["pid"], facts[2]["pid"], "three has its own");
+    assert!(facts[0]["pid1"].contains("sleep 2147483647"), "PID 1 of the pod's namespace is the pause: {facts:?}");
+    assert!(facts[2]["pid1"].contains("sleep 3603"), "PID 1 of three's own namespace is its sleep: {facts:?}");
+    assert_eq!(p.sees(one), ["one", "two"], "one sees the pod's processes");
+    assert_eq!(p.sees(two), ["one", "two"], "two sees the pod's processes");
+    assert_eq!(p.sees(three), ["three"], "three sees only its own");
+}
+
+/// SysV shm, /dev/shm and an emptyDir written in `one`, read in the others.
+fn check_sharing(p: &Pod, [one, two, three]: [&str; 3], empty_dir: &Path) {
+    p.exec(one, &["/tools/sysv-shm", "make", SHM_KEY]);
+    p.exec(one, &["sh", "-c", "echo from-one > /dev/shm/note && echo from-one > /shared/note"]);
+    for other in [two, three] {
+        p.exec(other, &["/tools/sysv-shm", "find", SHM_KEY]);
+        assert_eq!(p.exec(other, &["cat", "/dev/shm/note", "/shared/note"]), "from-one\nfrom-one\n", "in {other}");
+    }
+    let on_host = std::fs::read_to_string(empty_dir.join("note")).expect("the emptyDir's file on the host");
+    assert_eq!(on_host, "from-one\n");
 }
 
 #[test]
