@@ -26,6 +26,9 @@ die() { echo "guest-image: error: $*" >&2; exit 1; }
 hash_of() { sha256sum "$@" | sha256sum | cut -c1-16; }
 
 install_file() { # src dst: atomic replace, so a running VMM never reads half a file
+    # An identical file stays as it is: the shim keys its warm-start templates by the image
+    # files' identity (inode, mtime), so replacing it would throw away every good template.
+    if cmp -s "$1" "$2"; then return 0; fi
     mkdir -p "$(dirname "$2")"
     cp "$1" "$2.tmp.$$" && mv -f "$2.tmp.$$" "$2"
 }
