@@ -181,4 +181,8 @@ impl AgentService for AgentRpc {
     fn update_routes(&self, _ctx: &TtrpcContext, _req: agent::UpdateRoutesRequest) -> ttrpc::Result<types::Routes> {
         not_implemented("UpdateRoutes")
     }
+
+    fn add_arp_neighbors(&self, _ctx: &TtrpcContext, _req: agent::AddArpNeighborsRequest) -> ttrpc::Result<Empty> {
+        not_implemented("AddArpNeighbors")
+    }
 }
