@@ -54,6 +54,18 @@ pub struct Options {
     /// A folder holding `containerd-shim-nestbox-v2` and `nestbox-vmm` to run (the
     /// benchmark's copies of a release build); by default the workspace's debug build.
     pub binaries: Option<PathBuf>,
+    /// Keep warm-start templates in one folder shared by the suites of this build
+    /// ([`shared_templates_dir`]) instead of the test's own: the first pod of a shape in a
+    /// test run makes the template (one guest boot) and later suites restore from it.
+    /// Templates are keyed by the VMM, kernel and initramfs files, so a rebuild makes new ones.
+    pub shared_templates: bool,
+}
+
+/// The warm-start templates folder that suites with [`Options::shared_templates`] share.
+pub fn shared_templates_dir() -> PathBuf {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    target.join("nestbox-test-templates")
 }
 
 pub struct Containerd {
@@ -72,7 +84,7 @@ pub struct Containerd {
     child: Child,
     serves_cri: bool,
     /// Dropped after containerd and its pods (fields drop after `Drop::drop`).
-    _network: Option<network::TestNetwork>,
+    network: Option<network::TestNetwork>,
     #[cfg(feature = "cri")]
     cri: Option<crate::cri::Cri>,
 }
@@ -100,7 +112,7 @@ impl Containerd {
         fs::create_dir_all(&dir).expect("creating the test's containerd folder");
         let socket = dir.join("c.sock");
         let sandboxes = dir.join("sb");
-        let templates = dir.join("tpl");
+        let templates = if options.shared_templates { shared_templates_dir() } else { dir.join("tpl") };
         let config = dir.join("containerd.toml");
         let network =
             options.pod_network.then(|| network::TestNetwork::create(&format!("nbx-{name}-{}", std::process::id())));
@@ -136,7 +148,7 @@ impl Containerd {
             log,
             child,
             serves_cri: options.cri,
-            _network: network,
+            network,
             nestbox_config: nestbox_config_path,
             sandboxes,
             templates,
@@ -179,6 +191,13 @@ impl Containerd {
     #[cfg(not(feature = "cri"))]
     fn connect_cri(&mut self) {
         panic!("Options::cri needs nestbox-tests' `cri` feature");
+    }
+
+    /// A command running `program` in containerd's network namespace, where the pods'
+    /// bridge is (a containerd started with [`Options::pod_network`]).
+    pub fn in_pod_network(&self, program: &Path) -> Command {
+        let network = self.network.as_ref().expect("containerd was started without Options::pod_network");
+        network.command(&program.to_string_lossy())
     }
 
     /// The CRI client of a containerd started with [`Options::cri`].

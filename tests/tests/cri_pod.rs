@@ -16,9 +16,9 @@
 //!   RemoveContainer, StopPodSandbox, RemovePodSandbox, and then nothing left: no pod, no
 //!   sandbox directory, no VMM, no shim, no mount (the pod's network namespace included).
 //!
-//! Until nestbox has networking its guest has only loopback, though CNI set the pod's
-//! namespace up on the host. The nestbox pod is the first of its shape, so it makes the
-//! warm-start template (one guest boot, minutes here) and is restored from it.
+//! The pod's network itself is checked by `cri_network`. The nestbox pod is restored from
+//! the warm-start template shared by the CRI suites (the first pod of the run makes it: one
+//! guest boot, minutes here).
 
 use nestbox_tests::containerd::{mounts_under, Containerd, Options, BUSYBOX};
 use nestbox_tests::cri::{api, api::ContainerState, api::NamespaceMode, container_config, namespaces, pod_config};
@@ -98,7 +98,7 @@ fn wait_for_no_shims(c: &Containerd) {
 }
 
 fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
-    let options = Options { cri: true, pod_network: true, ..Default::default() };
+    let options = Options { cri: true, pod_network: true, shared_templates: true, ..Default::default() };
     let c = Containerd::start_with(&format!("cri-{handler}"), nestbox_config, options);
     c.import_busybox();
     let cri = c.cri();

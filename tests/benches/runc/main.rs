@@ -134,8 +134,11 @@ fn configure_nestbox(c: &Containerd, runtime: &str, binaries: &Option<PathBuf>) 
 
 fn run(args: &Args) -> Result<(), String> {
     log("starting a private containerd with the CRI plugin");
-    let c =
-        Containerd::start_with("bench", "", Options { cri: true, pod_network: true, binaries: args.binaries.clone() });
+    let c = Containerd::start_with(
+        "bench",
+        "",
+        Options { cri: true, pod_network: true, binaries: args.binaries.clone(), ..Default::default() },
+    );
     c.import_busybox();
     let mut results = Map::new();
     for runtime in &args.runtimes {
