@@ -80,6 +80,10 @@ pub fn run(socket: &Path, io_socket: &Path) -> anyhow::Result<()> {
         eprintln!("nestbox-agent: containers cannot be created: {e}");
     }
     let sandbox = crate::sandbox::Sandbox::new(env, false);
+    let forward_socket = crate::port_forward::host_socket(socket);
+    prepare_socket_path(&forward_socket)?;
+    crate::port_forward::serve_unix(&forward_socket, crate::port_forward::of_sandbox(sandbox.clone()))
+        .with_context(|| format!("listening on {}", forward_socket.display()))?;
     let address = format!("unix://{}", socket.display());
     let serving = crate::serve::start(&address, false, sandbox.clone())?;
     println!(

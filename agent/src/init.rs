@@ -85,6 +85,11 @@ fn serve(cmdline: &str, reaper: std::sync::Arc<crate::reaper::Reaper>) -> anyhow
         oom: Default::default(),
     };
     let sandbox = crate::sandbox::Sandbox::new(env, true);
+    let forward_port = nestbox_protocols::PORT_FORWARD_PORT;
+    if let Err(e) = crate::port_forward::serve_vsock(forward_port, crate::port_forward::of_sandbox(sandbox.clone())) {
+        // Pods work without it; only CRI PortForward into them fails.
+        eprintln!("nestbox-agent: port forwarding unavailable (vsock {forward_port}): {e}");
+    }
     let address = format!("vsock://-1:{}", nestbox_protocols::AGENT_PORT);
     let serving = crate::serve::start(&address, true, sandbox)?;
     println!(

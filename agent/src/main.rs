@@ -22,6 +22,7 @@ mod identity;
 mod init;
 mod oom;
 mod pod_namespaces;
+mod port_forward;
 mod process;
 mod reaper;
 mod rpc;

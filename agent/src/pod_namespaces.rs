@@ -56,6 +56,11 @@ impl PodNamespaces {
         })
     }
 
+    /// The pod's network namespace (the network calls configure it, see `network`).
+    pub fn net(&self) -> BorrowedFd<'_> {
+        self.net.as_fd()
+    }
+
     /// The namespaces among `flags` (clone flags of network, IPC, UTS), each with its flag,
     /// as `spawn::spawn_helper` enters them.
     pub fn to_enter(&self, flags: i32) -> Vec<(BorrowedFd<'_>, i32)> {

@@ -190,6 +190,11 @@ impl Sandbox {
         Ok(container)
     }
 
+    /// The pod's network, IPC and UTS namespaces, None before CreateSandbox.
+    pub fn pod_namespaces(&self) -> Option<Arc<PodNamespaces>> {
+        lock(&self.namespaces).clone()
+    }
+
     pub fn container(&self, id: &str) -> Result<Arc<Container>, AgentError> {
         match self.containers().get(id) {
             Some(Slot::Ready(c)) => Ok(c.clone()),

@@ -7,6 +7,7 @@
 //! - [`hybrid`]: the host side of Firecracker-style hybrid vsock (a Unix socket into the VMM);
 //! - [`mount_options`]: mount option lists split into mount(2) flags and data;
 //! - [`pod`]: the reserved paths by which a container's spec names the pod's namespaces;
+//! - [`port_forward`]: the header of a CRI port-forward connection into the pod;
 //! - [`stdio`]: the header that opens a process's standard stream on [`IO_PORT`];
 //! - [`vsock_test`]: the guest's vsock test services, for tests of the VMM's vsock device.
 //!
@@ -21,6 +22,7 @@ include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 pub mod hybrid;
 pub mod mount_options;
 pub mod pod;
+pub mod port_forward;
 pub mod stdio;
 pub mod vsock_test;
 
@@ -31,6 +33,10 @@ pub const AGENT_PORT: u32 = 1024;
 /// per stream (see [`stdio`]). Not in 1025-1028, the test services' ports
 /// ([`vsock_test`]), which a guest booted with `nestbox.vsock_test` also listens on.
 pub const IO_PORT: u32 = 1030;
+
+/// The guest vsock port where the host opens port-forward connections into the pod's
+/// network namespace, one per forwarded TCP connection (see [`port_forward`]).
+pub const PORT_FORWARD_PORT: u32 = 1031;
 
 /// The ttrpc service name of the agent API (the method path is `/<service>/<Method>`).
 pub const AGENT_SERVICE: &str = "nestbox.agent.v1.AgentService";

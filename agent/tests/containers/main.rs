@@ -22,6 +22,7 @@ mod bad_input;
 mod harness;
 mod limits;
 mod pod;
+mod port_forward;
 mod processes;
 mod security;
 mod streams;
