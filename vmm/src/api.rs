@@ -1,6 +1,7 @@
 //! The control API: a Unix socket where each connection sends one request line and gets
 //! one answer line (`OK` or `ERROR <reason>`). Requests: `pause`, `resume`,
-//! `snapshot <dir>` (the VMM ends after writing it), `shutdown`.
+//! `snapshot <dir>` (the VMM ends after writing it), `shutdown`, and `metrics`, answered
+//! `OK name=value ...` (the net device's counters; a bare `OK` without one).
 //!
 //! Deliberately small (no HTTP): its only client is the shim on the same host, and every
 //! request is one verb. This module is the top of the crate: it parses the protocol and
@@ -22,7 +23,8 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         (Some("resume"), None) => Request::Resume,
         (Some("snapshot"), Some(dir)) => Request::Snapshot(PathBuf::from(dir)),
         (Some("shutdown"), None) => Request::Shutdown,
-        _ => return Err(format!("unknown request {line:?} (pause, resume, snapshot DIR, shutdown)")),
+        (Some("metrics"), None) => Request::Metrics,
+        _ => return Err(format!("unknown request {line:?} (pause, resume, snapshot DIR, shutdown, metrics)")),
     };
     match words.next() {
         None => Ok(request),
@@ -56,12 +58,13 @@ fn answer(stream: UnixStream, vm: &VmControl) -> bool {
             Err(ControlError::Closed) => return false,
             Err(ControlError::Failed(reason)) => Err(reason),
             Err(stopping @ ControlError::Stopping) => Err(stopping.to_string()),
-            Ok(()) => Ok(()),
+            Ok(text) => Ok(text),
         },
         Err(e) => Err(e),
     };
     let text = match result {
-        Ok(()) => "OK\n".to_string(),
+        Ok(text) if text.is_empty() => "OK\n".to_string(),
+        Ok(text) => format!("OK {}\n", text.replace('\n', " ")),
         Err(e) => format!("ERROR {}\n", e.replace('\n', " ")),
     };
     let _ = (&stream).write_all(text.as_bytes());
@@ -78,6 +81,7 @@ mod tests {
         assert_eq!(parse_request(" resume "), Ok(Request::Resume));
         assert_eq!(parse_request("snapshot /tmp/t"), Ok(Request::Snapshot("/tmp/t".into())));
         assert_eq!(parse_request("shutdown"), Ok(Request::Shutdown));
+        assert_eq!(parse_request("metrics\n"), Ok(Request::Metrics));
         assert!(parse_request("snapshot").is_err());
         assert!(parse_request("pause now").is_err());
         assert!(parse_request("reboot").is_err());

@@ -4,6 +4,7 @@
 
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable;
+use crate::devices::virtio::net::MacAddr;
 use crate::devices::virtio::vsock::DEFAULT_GUEST_CID;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,10 @@ pub struct VmConfig {
     pub shared_dir: Option<PathBuf>,
     /// The virtio-fs tag the guest mounts.
     pub fs_tag: String,
+    /// MAC of the virtio-net device; no net device without it.
+    pub net_mac: Option<MacAddr>,
+    /// Inherited tap descriptor the net device is attached to; detached without it.
+    pub net_tap_fd: Option<i32>,
 }
 
 /// The configuration file: every key optional, unknown keys are errors.
@@ -71,6 +76,11 @@ pub struct FileConfig {
     pub vsock_cid: Option<u64>,
     pub shared_dir: Option<PathBuf>,
     pub fs_tag: Option<String>,
+    pub net_mac: Option<String>,
+    /// Command line only: a descriptor number means nothing in a file, so the key is
+    /// unknown there.
+    #[serde(skip)]
+    pub net_tap_fd: Option<i32>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -87,6 +97,10 @@ pub enum ConfigError {
     MemoryTooLarge { requested: u64, host: u64 },
     #[error("vsock_cid = {0}: guest CIDs are 3 to 4294967294 (0-2 and 0xffffffff are reserved)")]
     VsockCid(u64),
+    #[error("--net-mac (net_mac) {value:?}: {reason}")]
+    NetMac { value: String, reason: String },
+    #[error("--net-tap-fd {0}: a tap needs a net device, which --net-mac adds")]
+    TapWithoutMac(i32),
 }
 
 impl FileConfig {
@@ -119,6 +133,8 @@ impl FileConfig {
             vsock_cid: over.vsock_cid.or(self.vsock_cid),
             shared_dir: over.shared_dir.or(self.shared_dir),
             fs_tag: over.fs_tag.or(self.fs_tag),
+            net_mac: over.net_mac.or(self.net_mac),
+            net_tap_fd: over.net_tap_fd.or(self.net_tap_fd),
         }
     }
 }
@@ -131,6 +147,15 @@ pub fn guest_dir() -> PathBuf {
 impl VmConfig {
     /// Fills defaults and validates. `host_memory_mib` bounds the guest's memory.
     pub fn build(file: FileConfig, host_memory_mib: u64) -> Result<VmConfig, ConfigError> {
+        let net_mac = match &file.net_mac {
+            None => None,
+            Some(value) => {
+                Some(value.parse::<MacAddr>().map_err(|reason| ConfigError::NetMac { value: value.clone(), reason })?)
+            }
+        };
+        if let (None, Some(fd)) = (net_mac, file.net_tap_fd) {
+            return Err(ConfigError::TapWithoutMac(fd));
+        }
         let config = VmConfig {
             kernel: file.kernel.unwrap_or_else(|| guest_dir().join("vmlinux")),
             initramfs: file.initramfs.unwrap_or_else(|| guest_dir().join("initramfs.cpio")),
@@ -143,6 +168,8 @@ impl VmConfig {
             vsock_cid: file.vsock_cid.unwrap_or(DEFAULT_GUEST_CID),
             shared_dir: file.shared_dir,
             fs_tag: file.fs_tag.unwrap_or_else(|| DEFAULT_FS_TAG.to_string()),
+            net_mac,
+            net_tap_fd: file.net_tap_fd,
         };
         if config.vsock_cid <= 2 || config.vsock_cid >= u64::from(u32::MAX) {
             return Err(ConfigError::VsockCid(config.vsock_cid));
@@ -195,7 +222,7 @@ mod tests {
     #[test]
     fn file_keys_parse() {
         let f = FileConfig::parse(
-            "kernel = \"/k\"\ninitramfs = \"/i\"\nvcpus = 2\nmemory_mib = 256\ncmdline = \"quiet\"\nconsole = \"/tmp/c.log\"\ncpu_template = \"pvm\"\nvsock_socket = \"/run/v.sock\"\nvsock_cid = 7\nshared_dir = \"/run/s\"\nfs_tag = \"t\"\n",
+            "kernel = \"/k\"\ninitramfs = \"/i\"\nvcpus = 2\nmemory_mib = 256\ncmdline = \"quiet\"\nconsole = \"/tmp/c.log\"\ncpu_template = \"pvm\"\nvsock_socket = \"/run/v.sock\"\nvsock_cid = 7\nshared_dir = \"/run/s\"\nfs_tag = \"t\"\nnet_mac = \"02:00:00:00:00:01\"\n",
         )
         .unwrap();
         let c = VmConfig::build(f, HOST).unwrap();
@@ -208,6 +235,30 @@ mod tests {
         assert_eq!(c.vsock_cid, 7);
         assert_eq!(c.shared_dir, Some(PathBuf::from("/run/s")));
         assert_eq!(c.fs_tag, "t");
+        assert_eq!(c.net_mac, Some(MacAddr([2, 0, 0, 0, 0, 1])));
+        assert_eq!(c.net_tap_fd, None);
+    }
+
+    #[test]
+    fn net_settings_are_checked() {
+        let mac = |m: &str| FileConfig { net_mac: Some(m.into()), ..Default::default() };
+        for bad in ["01:00:00:00:00:01", "00:00:00:00:00:00", "aa:bb:cc:dd:ee", "aa:bb:cc:dd:ee:gg", "aabbccddeeff"] {
+            match VmConfig::build(mac(bad), HOST) {
+                Err(ConfigError::NetMac { value, .. }) => assert_eq!(value, bad),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let err = VmConfig::build(mac("01:00:00:00:00:01"), HOST).unwrap_err().to_string();
+        assert!(err.contains("--net-mac") && err.contains("01:00:00:00:00:01") && err.contains("multicast"), "{err}");
+        assert_eq!(
+            VmConfig::build(mac("AA:bb:cc:dd:ee:ff"), HOST).unwrap().net_mac.unwrap().to_string(),
+            "aa:bb:cc:dd:ee:ff"
+        );
+        let tap_only = FileConfig { net_tap_fd: Some(7), ..Default::default() };
+        assert_eq!(VmConfig::build(tap_only, HOST), Err(ConfigError::TapWithoutMac(7)));
+        // A descriptor number is a command-line setting only.
+        let err = FileConfig::parse("net_tap_fd = 3\n").unwrap_err();
+        assert!(err.contains("unknown field `net_tap_fd`"), "{err}");
     }
 
     #[test]

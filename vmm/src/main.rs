@@ -13,7 +13,7 @@ use std::process::ExitCode;
 ///
 /// Every setting can come from a TOML file (`--config`) with the keys kernel, initramfs,
 /// vcpus, memory_mib, cmdline, console, cpu_template, vsock_socket, vsock_cid,
-/// shared_dir and fs_tag; arguments override the file.
+/// shared_dir, fs_tag and net_mac; arguments override the file.
 /// With no settings at all, the guest image installed by `guest-image/build.sh` boots
 /// with 1 vCPU and 128 MiB.
 #[derive(Parser, Debug)]
@@ -62,14 +62,27 @@ struct Cli {
     /// The virtio-fs tag, 1 to 36 bytes. [default: nestbox]
     #[arg(long, value_name = "TAG")]
     fs_tag: Option<String>,
+    /// A virtio-net device with this MAC (unicast, aa:bb:cc:dd:ee:ff), the guest's eth0.
+    /// Detached (frames the guest sends are dropped) unless --net-tap-fd gives a tap.
+    /// On --restore the device and MAC come from the snapshot.
+    #[arg(long, value_name = "MAC", verbatim_doc_comment)]
+    net_mac: Option<String>,
+    /// An inherited tap descriptor for the net device: opened on /dev/net/tun with
+    /// IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (the VMM sets O_NONBLOCK, the 12-byte vnet
+    /// header and the offloads the guest accepts). Needs --net-mac on boot; on
+    /// --restore it attaches the tap to the snapshot's net device.
+    #[arg(long, value_name = "FD", verbatim_doc_comment)]
+    net_tap_fd: Option<i32>,
     /// Serve the control API on this Unix socket: one request line per connection
-    /// (`pause`, `resume`, `snapshot DIR`, `shutdown`), answered `OK` or `ERROR reason`.
+    /// (`pause`, `resume`, `snapshot DIR`, `shutdown`, `metrics`), answered `OK` (for
+    /// `metrics`, `OK name=value ...`: the net device's counters) or `ERROR reason`.
     /// A snapshot ends the VMM once written.
     #[arg(long, value_name = "PATH", verbatim_doc_comment)]
     api_socket: Option<PathBuf>,
     /// Start from the snapshot in DIR instead of booting: vCPUs and memory come from the
     /// snapshot; devices (vsock socket, shared directory) from the other settings, and
-    /// must be the same kinds as when it was taken.
+    /// must be the same kinds as when it was taken. The net device and its MAC come
+    /// from the snapshot; only its tap (--net-tap-fd) from the settings.
     #[arg(long, value_name = "DIR", verbatim_doc_comment)]
     restore: Option<PathBuf>,
     /// Print CLOCK_MONOTONIC timestamps of start-up milestones to stderr.
@@ -91,6 +104,8 @@ impl Cli {
             vsock_cid: self.vsock_cid,
             shared_dir: self.shared_dir.clone(),
             fs_tag: self.fs_tag.clone(),
+            net_mac: self.net_mac.clone(),
+            net_tap_fd: self.net_tap_fd,
         }
     }
 }
@@ -109,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<VmExit> {
             let state = snapshot::read_state(dir)?;
             settings.vcpus.get_or_insert(state.vcpus.len().try_into().unwrap_or(u8::MAX));
             settings.memory_mib.get_or_insert(state.memory_mib);
+            state.apply_devices(dir, &mut settings)?;
             restore_and_start(&VmConfig::build(settings, host_memory)?, dir, state, options)?
         }
     };

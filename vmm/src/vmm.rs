@@ -7,6 +7,7 @@
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::devices::legacy::SerialConsole;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::NetHandle;
 use crate::snapshot::{self, MicrovmState, SnapshotError};
 use crate::util::lock;
 use crate::vstate::vcpu::persist::VcpuSaveError;
@@ -56,12 +57,15 @@ pub enum Request {
     /// Snapshot into this directory, then end the VMM.
     Snapshot(PathBuf),
     Shutdown,
+    /// The devices' counters as `name=value` words (the net device's; none without one).
+    Metrics,
 }
 
 /// What the VM loop waits for.
 pub(crate) enum VmEvent {
     Exit(VmExit),
-    Request(Request, Sender<Result<(), String>>),
+    /// A request and where its answer goes: a text (empty for most requests) or why not.
+    Request(Request, Sender<Result<String, String>>),
 }
 
 impl From<VcpuEvent> for VmEvent {
@@ -90,8 +94,8 @@ pub struct VmControl {
 }
 
 impl VmControl {
-    /// Sends `request` and waits for the VM loop's answer.
-    pub fn request(&self, request: Request) -> Result<(), ControlError> {
+    /// Sends `request` and waits for the VM loop's answer (a text for `Metrics`).
+    pub fn request(&self, request: Request) -> Result<String, ControlError> {
         let (reply, answer) = channel();
         self.events.send(VmEvent::Request(request, reply)).map_err(|_| ControlError::Closed)?;
         answer.recv().map_err(|_| ControlError::Stopping)?.map_err(ControlError::Failed)
@@ -141,6 +145,7 @@ pub struct Vmm {
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// Host files the VMM created (sockets), removed when it ends.
     pub(crate) cleanup_paths: Vec<PathBuf>,
+    pub(crate) net: Option<NetHandle>,
 }
 
 impl Vmm {
@@ -165,8 +170,9 @@ impl Vmm {
                 Ok(VmEvent::Request(request, reply)) => {
                     let (result, ends) = self.handle_request(&request);
                     let result = result.map_err(|e| e.to_string());
-                    let _ = reply.send(result.clone());
-                    if let (Some(exit), Ok(())) = (ends, result) {
+                    let ok = result.is_ok();
+                    let _ = reply.send(result);
+                    if let (Some(exit), true) = (ends, ok) {
                         break exit;
                     }
                 }
@@ -181,11 +187,13 @@ impl Vmm {
     }
 
     /// Carries out a request; the second value is set when the VMM must end after it.
-    fn handle_request(&mut self, request: &Request) -> (Result<(), RequestError>, Option<VmExit>) {
+    fn handle_request(&mut self, request: &Request) -> (Result<String, RequestError>, Option<VmExit>) {
+        let done = |r: Result<(), RequestError>| r.map(|()| String::new());
         match request {
-            Request::Pause => (self.pause(), None),
-            Request::Resume => (self.resume(), None),
-            Request::Shutdown => (Ok(()), Some(VmExit::Stopped)),
+            Request::Pause => (done(self.pause()), None),
+            Request::Resume => (done(self.resume()), None),
+            Request::Shutdown => (Ok(String::new()), Some(VmExit::Stopped)),
+            Request::Metrics => (Ok(self.net.as_ref().map(|n| n.metrics.render()).unwrap_or_default()), None),
             Request::Snapshot(dir) => {
                 let result = self.snapshot(dir);
                 if result.is_err() {
@@ -194,7 +202,7 @@ impl Vmm {
                     let _ = std::fs::remove_file(dir.join(snapshot::MEMORY_FILE));
                     let _ = self.resume();
                 }
-                (result, Some(VmExit::Stopped))
+                (done(result), Some(VmExit::Stopped))
             }
         }
     }
@@ -255,6 +263,7 @@ impl Vmm {
             vm: vm_persist::save_state(&self.vm).map_err(RequestError::VmState)?,
             serial: lock(&self.console).save_state(),
             virtio: self.transports.iter().map(|t| lock(t).save_state()).collect(),
+            net: self.net.as_ref().map(NetHandle::save_state),
         };
         snapshot::write_memory(dir, &self.memory)?;
         Ok(snapshot::write_state(dir, &state)?)

@@ -10,8 +10,11 @@ use crate::devices::legacy::serial::persist::SerialState;
 use crate::devices::legacy::{i8042, serial, SerialConsole, I8042};
 use crate::devices::virtio::fs::FsDevice;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use crate::devices::virtio::net::tap::{Backend, Tap};
+use crate::devices::virtio::net::{NetDevice, NetHandle};
 use crate::devices::virtio::vsock::VsockDevice;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::snapshot::MicrovmState;
 use crate::vmm::{VmEvent, VmExit};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::fs::File;
@@ -34,18 +37,21 @@ pub(super) struct Devices {
     pub kernel_params: Vec<String>,
     /// Host files the devices created (sockets), removed when the VMM ends.
     pub cleanup_paths: Vec<PathBuf>,
+    /// The net device's MAC, counters and features, if the VM has one.
+    pub net: Option<NetHandle>,
 }
 
-/// Creates the devices `config` describes on `vm`. The console starts from `serial` when
-/// restoring; a guest write to the i8042 reset line sends `events` the reset exit.
+/// Creates the devices `config` describes on `vm`. The console and net device start from
+/// `saved` when restoring; a guest write to the i8042 reset line sends `events` the reset
+/// exit.
 pub(super) fn assemble(
     config: &VmConfig,
     vm: &VmFd,
     memory: &GuestMemoryMmap,
-    serial: Option<&SerialState>,
+    saved: Option<&MicrovmState>,
     events: Sender<VmEvent>,
 ) -> Result<Devices, BuildError> {
-    let console = Arc::new(Mutex::new(serial_console(config, vm, serial)?));
+    let console = Arc::new(Mutex::new(serial_console(config, vm, saved.map(|s| &s.serial))?));
     let i8042 = Arc::new(Mutex::new(I8042::new(move || {
         let _ = events.send(VmEvent::Exit(VmExit::Reset));
     })));
@@ -65,6 +71,20 @@ pub(super) fn assemble(
     if let Some(dir) = &config.shared_dir {
         virtio.attach(vm, memory, Box::new(FsDevice::new(&config.fs_tag, dir)?))?;
     }
+    // Last, so the vsock and virtio-fs windows stay where they were before net existed.
+    let mut net = None;
+    if let Some(mac) = config.net_mac {
+        let backend = match config.net_tap_fd {
+            Some(fd) => Some(Arc::new(Tap::from_inherited_fd(fd)?) as Arc<dyn Backend>),
+            None => None,
+        };
+        let device = match saved.and_then(|s| s.net.as_ref()) {
+            Some(state) => NetDevice::from_state(state, backend),
+            None => NetDevice::new(mac, backend),
+        };
+        net = Some(device.handle());
+        virtio.attach(vm, memory, Box::new(device))?;
+    }
     Ok(Devices {
         pio,
         mmio: Bus::new(virtio.bus_entries)?,
@@ -72,6 +92,7 @@ pub(super) fn assemble(
         transports: virtio.transports,
         kernel_params: virtio.kernel_params,
         cleanup_paths,
+        net,
     })
 }
 

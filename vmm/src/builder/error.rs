@@ -5,6 +5,7 @@ use crate::devices::bus::BusOverlap;
 use crate::devices::legacy::serial::persist::SerialStateError;
 use crate::devices::virtio::fs::FsError;
 use crate::devices::virtio::mmio::TransportError;
+use crate::devices::virtio::net::tap::TapError;
 use crate::devices::virtio::vsock::device::VsockError;
 use crate::snapshot::SnapshotError;
 use crate::vstate::vcpu::VcpuError;
@@ -41,6 +42,8 @@ pub enum BuildError {
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
     #[error("virtio device type {device_type}: interrupt eventfd: {source}")]
     VirtioIrqfd { device_type: u32, source: std::io::Error },
     #[error("virtio device type {device_type}: {what}: {source}")]

@@ -16,7 +16,7 @@ pub use restore::restore_and_start;
 use self::devices::Devices;
 use crate::arch::x86_64::cpuid::{self, CpuTemplate};
 use crate::config::VmConfig;
-use crate::devices::legacy::serial::persist::SerialState;
+use crate::snapshot::MicrovmState;
 use crate::util::monotonic_ns;
 use crate::vmm::{VmEvent, Vmm};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu};
@@ -73,17 +73,17 @@ struct PreparedVm {
 }
 
 impl PreparedVm {
-    /// Creates the VM on `memory` and assembles its devices (the console from `serial`
-    /// when restoring).
+    /// Creates the VM on `memory` and assembles its devices (the console and net device
+    /// from `saved` when restoring).
     fn assemble(
         config: &VmConfig,
         host: Host,
         memory: GuestMemoryMmap,
-        serial: Option<&SerialState>,
+        saved: Option<&MicrovmState>,
     ) -> Result<PreparedVm, BuildError> {
         let vm = vm::create(&host.kvm, &memory)?;
         let (events_tx, events) = channel();
-        let devices = devices::assemble(config, &vm, &memory, serial, events_tx.clone())?;
+        let devices = devices::assemble(config, &vm, &memory, saved, events_tx.clone())?;
         Ok(PreparedVm { host, vm, memory, devices, events_tx, events })
     }
 
@@ -112,6 +112,7 @@ impl PreparedVm {
             console: self.devices.console,
             transports: self.devices.transports,
             cleanup_paths: self.devices.cleanup_paths,
+            net: self.devices.net,
         })
     }
 }

@@ -33,7 +33,7 @@ pub fn restore_and_start(
     )?;
     let file = snapshot::open_memory(dir, config.memory_bytes())?;
     let guest_memory = memory::map_guest_memory_from_file(config.memory_bytes(), &file)?;
-    let prepared = PreparedVm::assemble(config, host, guest_memory, Some(&state.serial))?;
+    let prepared = PreparedVm::assemble(config, host, guest_memory, Some(&state))?;
 
     let mismatch = |reason: String| SnapshotError::Mismatch { path: dir.to_path_buf(), reason };
     let transports = &prepared.devices.transports;

@@ -7,8 +7,10 @@
 
 use super::SnapshotError;
 use crate::arch::x86_64::cpuid::CpuTemplate;
+use crate::config::FileConfig;
 use crate::devices::legacy::serial::persist::SerialState;
 use crate::devices::virtio::mmio::persist::TransportState;
+use crate::devices::virtio::net::persist::NetState;
 use crate::vstate::vcpu::persist::VcpuState;
 use crate::vstate::vm::persist::VmState;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,29 @@ pub struct MicrovmState {
     pub vm: VmState,
     pub serial: SerialState,
     pub virtio: Vec<TransportState>,
+    /// The net device (its transport is the last of `virtio`), if the VM had one. New in
+    /// format version 2.
+    pub net: Option<NetState>,
+}
+
+/// Format version 1: the same without a net device. Read so that snapshots (warm
+/// templates) taken by an older VMM still restore.
+#[derive(Deserialize, Debug)]
+pub struct MicrovmStateV1 {
+    pub memory_mib: u64,
+    pub cpu_vendor: String,
+    pub cpu_template: CpuTemplate,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialState,
+    pub virtio: Vec<TransportState>,
+}
+
+impl From<MicrovmStateV1> for MicrovmState {
+    fn from(v1: MicrovmStateV1) -> MicrovmState {
+        let MicrovmStateV1 { memory_mib, cpu_vendor, cpu_template, vcpus, vm, serial, virtio } = v1;
+        MicrovmState { memory_mib, cpu_vendor, cpu_template, vcpus, vm, serial, virtio, net: None }
+    }
 }
 
 /// What a VM about to be restored is: the snapshot must have been taken of the same.
@@ -54,5 +79,26 @@ impl MicrovmState {
             ));
         }
         Ok(())
+    }
+
+    /// Fills `settings` with the devices the snapshot fixes: the net device and its MAC
+    /// come from the snapshot (only its tap from the settings). A MAC other than the
+    /// snapshot's, or a net setting for a snapshot without a net device, is refused.
+    pub fn apply_devices(&self, dir: &Path, settings: &mut FileConfig) -> Result<(), SnapshotError> {
+        let mismatch = |reason: String| Err(SnapshotError::Mismatch { path: dir.to_path_buf(), reason });
+        match (&self.net, &settings.net_mac, settings.net_tap_fd) {
+            (Some(net), Some(mac), _) if mac.parse().ok() != Some(net.mac) => {
+                mismatch(format!("--net-mac {mac}: the snapshot's net device has MAC {}", net.mac))
+            }
+            (Some(net), _, _) => {
+                settings.net_mac = Some(net.mac.to_string());
+                Ok(())
+            }
+            (None, _, Some(fd)) => {
+                mismatch(format!("--net-tap-fd {fd}: the snapshot has no net device to attach it to"))
+            }
+            (None, Some(mac), None) => mismatch(format!("--net-mac {mac}: the snapshot has no net device")),
+            (None, None, None) => Ok(()),
+        }
     }
 }

@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
-/// Bumped whenever `MicrovmState` changes shape: an older file is refused, not misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever `MicrovmState` changes shape: a file of an unknown version is refused,
+/// not misread. Version 1 (no net device) is still read, as [`microvm::MicrovmStateV1`].
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {

@@ -1,6 +1,7 @@
 //! The state file: a magic, the format version, the length of the bincode-encoded
 //! [`MicrovmState`], the payload, and an FNV-1a checksum of it; written atomically.
 
+use super::microvm::MicrovmStateV1;
 use super::{io_err, MicrovmState, SnapshotError, FORMAT_VERSION, STATE_FILE};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -40,8 +41,8 @@ pub fn read_state(dir: &Path) -> Result<MicrovmState, SnapshotError> {
         return Err(invalid("not a nestbox snapshot state file".into()));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
-    if version != FORMAT_VERSION {
-        return Err(invalid(format!("format version {version}, this VMM reads version {FORMAT_VERSION}")));
+    if version != FORMAT_VERSION && version != 1 {
+        return Err(invalid(format!("format version {version}, this VMM reads versions 1 to {FORMAT_VERSION}")));
     }
     let len = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default()) as usize;
     if bytes.len() != 20 + len + 8 {
@@ -52,7 +53,11 @@ pub fn read_state(dir: &Path) -> Result<MicrovmState, SnapshotError> {
     if fnv64(payload) != sum {
         return Err(invalid("checksum mismatch: the file is corrupt".into()));
     }
-    bincode::deserialize(payload).map_err(|e| invalid(format!("decoding: {e}")))
+    let decoded = match version {
+        1 => bincode::deserialize::<MicrovmStateV1>(payload).map(MicrovmState::from),
+        _ => bincode::deserialize::<MicrovmState>(payload),
+    };
+    decoded.map_err(|e| invalid(format!("decoding: {e}")))
 }
 
 #[cfg(test)]
