@@ -21,6 +21,7 @@ mod connect;
 mod console;
 mod error;
 pub mod mounts;
+pub mod network;
 mod paths;
 pub mod template;
 pub mod vmm;

@@ -1,0 +1,165 @@
+//! The pod's CNI network carried into its VM (Kata's tcfilter model).
+//!
+//! containerd's CRI makes the pod's network namespace and runs CNI in it (a veth, `eth0`,
+//! with the pod's address and routes) before it creates the pod's sandbox container. The
+//! shim then, on a thread inside that namespace ([`netns`]):
+//!
+//! 1. reads CNI's interface, its MAC, MTU, addresses, routes and permanent neighbours
+//!    ([`read`]);
+//! 2. makes the VM's tap `tap0_nestbox` there ([`tap`]: non-persistent, so it goes with the
+//!    last descriptor of it), with the veth's MTU, up;
+//! 3. adds an ingress qdisc on both and a match-all filter each way that redirects every
+//!    frame to the other's egress ([`tc`]).
+//!
+//! The VMM gets the tap's descriptor (`--net-tap-fd`) for its virtio-net device; the agent
+//! gets the configuration ([`NetworkConfig`]) and gives the guest's interface the veth's
+//! name, MAC and addresses, so frames pass unchanged. Nothing runs per packet in the shim.
+//! Teardown (the pod stops, or a later start step failed) deletes the veth's ingress qdisc
+//! and closes the tap.
+
+mod error;
+mod netns;
+mod read;
+mod tap;
+mod tc;
+
+pub use error::NetworkError;
+pub use read::{format_mac, NetworkConfig, Veth};
+pub use tap::TAP_NAME;
+
+use netns::Netns;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+
+/// A pod's network as the shim made it: the tap (held open, which keeps it), the
+/// redirects, and what the guest is to be told. Dropping it tears it down.
+pub struct PodNetwork {
+    netns: Netns,
+    veth: Veth,
+    tap: Option<File>,
+    config: NetworkConfig,
+}
+
+impl PodNetwork {
+    /// Sets up the pod network in the namespace at `netns_path` (see the module's
+    /// documentation). A failure names the step, the interface and the namespace, and
+    /// leaves nothing made: the tap is closed (so gone) and the veth's qdisc deleted.
+    pub fn setup(netns_path: &Path) -> Result<PodNetwork, NetworkError> {
+        let netns = Netns::open(netns_path)?;
+        let (veth, tap, config) = netns.run(|runtime, handle| {
+            let ctx = &netns.ctx;
+            let (veth, config) = runtime.block_on(async {
+                let veth = read::find_veth(&handle, ctx, TAP_NAME).await?;
+                let addresses = read::addresses(&handle, ctx, &veth).await?;
+                let routes = read::routes(&handle, ctx, &veth).await?;
+                let neighbors = read::neighbors(&handle, ctx, &veth).await?;
+                if tc::index_of(&handle, ctx, TAP_NAME).await?.is_some() {
+                    return Err(ctx.error(format!("creating tap {TAP_NAME}"), "it exists already (another shim's?)"));
+                }
+                let config = NetworkConfig { interface: read::interface(&veth, addresses), routes, neighbors };
+                Ok((veth, config))
+            })?;
+            let tap = tap::open(TAP_NAME).map_err(ctx.at(format!("creating tap {TAP_NAME} on /dev/net/tun")))?;
+            let mut veth_qdisc = false;
+            let redirected = runtime.block_on(redirect(&handle, ctx, &veth, &mut veth_qdisc));
+            if let Err(e) = redirected {
+                if veth_qdisc {
+                    if let Err(undo) = runtime.block_on(tc::delete_ingress(&handle, ctx, &veth.name, veth.index)) {
+                        log::error!("undoing a failed pod network setup: {undo}");
+                    }
+                }
+                return Err(e);
+            }
+            Ok((veth, tap, config))
+        })?;
+        let i = &config.interface;
+        let addresses: Vec<String> = i.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect();
+        log::info!(
+            "pod network {}: {} ({}, MTU {}, addresses [{}]), {} routes, {} permanent neighbours; \
+             {TAP_NAME} redirected to and from it by tc (ingress, u32 match-all, mirred)",
+            netns_path.display(),
+            veth.name,
+            i.hw_addr,
+            i.mtu,
+            addresses.join(", "),
+            config.routes.len(),
+            config.neighbors.len()
+        );
+        Ok(PodNetwork { netns, veth, tap: Some(tap), config })
+    }
+
+    /// The tap's descriptor (close-on-exec in the shim; the VMM's spawn clears that flag in
+    /// its child only). Valid for as long as this lives.
+    pub fn tap_fd(&self) -> Option<RawFd> {
+        self.tap.as_ref().map(|t| t.as_raw_fd())
+    }
+
+    /// What the guest is to be told (UpdateInterface, UpdateRoutes, AddArpNeighbors).
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+
+    pub fn netns(&self) -> &Path {
+        &self.netns.ctx.netns
+    }
+
+    /// Deletes the veth's ingress qdisc (with its filter) if the veth is still there, and
+    /// closes the tap, which removes it once the VMM's copy is closed too. Once.
+    pub fn teardown(&mut self) -> Result<(), NetworkError> {
+        let Some(tap) = self.tap.take() else { return Ok(()) };
+        let veth = &self.veth;
+        let result = self.netns.run(|runtime, handle| {
+            runtime.block_on(async {
+                // The index is checked by name: after CNI deleted the veth, another
+                // interface could have its index.
+                match tc::name_of(&handle, veth.index).await {
+                    Some(name) if name == veth.name => {
+                        tc::delete_ingress(&handle, &self.netns.ctx, &veth.name, veth.index).await
+                    }
+                    _ => Ok(()),
+                }
+            })
+        });
+        drop(tap);
+        if result.is_ok() {
+            log::info!(
+                "pod network {}: ingress qdisc on {} removed, {TAP_NAME} closed",
+                self.netns.ctx.netns.display(),
+                veth.name
+            );
+        }
+        result
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            log::error!("tearing down the pod network: {e}");
+        }
+    }
+}
+
+/// Step 2 and 3 after the tap exists: the tap up with the veth's MTU, both ingress qdiscs,
+/// both redirects. `veth_qdisc` records whether the veth's qdisc was added (the tap's goes
+/// with the tap).
+async fn redirect(
+    handle: &rtnetlink::Handle,
+    ctx: &error::Context,
+    veth: &Veth,
+    veth_qdisc: &mut bool,
+) -> Result<(), NetworkError> {
+    let tap_index = tc::index_of(handle, ctx, TAP_NAME)
+        .await?
+        .ok_or_else(|| ctx.error(format!("finding tap {TAP_NAME}"), "not there after TUNSETIFF"))?;
+    tc::tap_up(handle, ctx, TAP_NAME, tap_index, veth.mtu).await?;
+    tc::add_ingress(handle, ctx, &veth.name, veth.index).await?;
+    *veth_qdisc = true;
+    tc::add_ingress(handle, ctx, TAP_NAME, tap_index).await?;
+    tc::redirect(handle, ctx, (&veth.name, veth.index), (TAP_NAME, tap_index)).await?;
+    tc::redirect(handle, ctx, (TAP_NAME, tap_index), (&veth.name, veth.index)).await
+}
+
+#[cfg(test)]
+mod tests;
