@@ -1,6 +1,6 @@
 //! OOM events: one watcher thread per container sleeps on the kernel's notification for
 //! its cgroup (no polling) and queues the container's id each time its OOM kill count
-//! grows; GetOOMEvent takes them from the queue.
+//! grows; GetOOMEvent takes them from the queue, and a shutdown ends its long poll.
 
 use std::collections::VecDeque;
 use std::io;
@@ -13,28 +13,67 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::cgroup::{Cgroup, OomSource};
 
-/// Container ids in the order their OOM kills happened.
+/// Container ids in the order their OOM kills happened, until the agent shuts down.
 #[derive(Default)]
 pub struct OomQueue {
-    events: Mutex<VecDeque<String>>,
+    events: Mutex<Events>,
     ready: Condvar,
 }
 
+#[derive(Default)]
+struct Events {
+    queue: VecDeque<String>,
+    /// Set at shutdown: long polls end instead of holding the server's drain.
+    closed: bool,
+}
+
+/// The answer of a long poll the agent's shutdown ended.
+#[derive(Debug, thiserror::Error)]
+#[error("the agent is shutting down: no more OOM events")]
+pub struct ShuttingDown;
+
 impl OomQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Events> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn push(&self, container_id: &str) {
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).push_back(container_id.to_string());
+        self.lock().queue.push_back(container_id.to_string());
         self.ready.notify_one();
     }
 
-    /// Blocks until an event is queued and takes it.
+    /// Blocks until an event is queued and takes it (for callers that never see a
+    /// shutdown; the server answers GetOOMEvent with [`OomQueue::next_event`]).
     pub fn next(&self) -> String {
-        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = self.lock();
         loop {
-            if let Some(id) = events.pop_front() {
+            if let Some(id) = events.queue.pop_front() {
                 return id;
             }
             events = self.ready.wait(events).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Blocks until an event is queued and takes it, or until [`OomQueue::close`]: a
+    /// shutdown wakes every waiter at once (events still queued are handed out first).
+    pub fn next_event(&self) -> Result<String, ShuttingDown> {
+        let mut events = self.lock();
+        loop {
+            if let Some(id) = events.queue.pop_front() {
+                return Ok(id);
+            }
+            if events.closed {
+                return Err(ShuttingDown);
+            }
+            events = self.ready.wait(events).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The agent is shutting down: every [`OomQueue::next_event`], waiting or to come,
+    /// returns [`ShuttingDown`] once the queue is empty.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
     }
 }
 
@@ -143,4 +182,35 @@ pub fn watch(id: &str, cgroup: &Cgroup, queue: Arc<OomQueue>) -> io::Result<OomW
         }
     })?;
     Ok(OomWatcher { stop })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A long poll in flight and one that comes later both end when the queue closes;
+    /// an event queued before the close is still handed out first.
+    #[test]
+    fn close_ends_the_long_poll_at_once() {
+        let queue = Arc::new(OomQueue::default());
+        let (tx, rx) = mpsc::channel();
+        let waiting = queue.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(waiting.next_event().map_err(|e| e.to_string()));
+        });
+        // Not answered while nothing happened (the poll is really waiting).
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "answered without an event");
+        queue.close();
+        // The bound only catches a poll that never wakes; a close answers in microseconds.
+        let answer = rx.recv_timeout(Duration::from_secs(10)).expect("the poll did not wake at close");
+        assert_eq!(answer, Err("the agent is shutting down: no more OOM events".to_string()));
+
+        let queue = OomQueue::default();
+        queue.push("c1");
+        queue.close();
+        assert_eq!(queue.next_event().ok().as_deref(), Some("c1"));
+        assert!(queue.next_event().is_err());
+    }
 }

@@ -15,10 +15,14 @@ use nestbox_protocols::stdio::{StreamHeader, MAX_HEADER_LEN};
 
 use crate::vsock::{VsockListener, CID_ANY};
 
-/// How long a stream waits for its process to claim it before it is closed.
+/// How long a stream waits for its process to claim it before it is closed: a host that
+/// opens streams for a process it never starts must not pin descriptors for good. Not on
+/// any wait path (expired streams are dropped when the next one arrives).
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// How long a host may take to send a stream's header.
+/// How long a host may take to send a stream's header: a safety net against a connection
+/// that never sends one, which would otherwise hold its header thread for good. A real
+/// host sends it with the connect.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One stream: a connected socket (vsock or Unix), read and written as a file.
@@ -53,32 +57,14 @@ impl IoHub {
     pub fn serve_unix(self: &Arc<Self>, path: &Path) -> io::Result<()> {
         let listener = UnixListener::bind(path)?;
         let hub = self.clone();
-        spawn("io-listener", move || loop {
-            match listener.accept() {
-                Ok((stream, _)) => hub.clone().arrive(OwnedFd::from(stream)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    eprintln!("nestbox-agent: I/O port: accept: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        })
+        spawn("io-listener", move || accept_loop(hub, || listener.accept().map(|(s, _)| OwnedFd::from(s))))
     }
 
     /// Serves the I/O port on vsock (the guest).
     pub fn serve_vsock(self: &Arc<Self>, port: u32) -> io::Result<()> {
         let listener = VsockListener::bind(CID_ANY, port)?;
         let hub = self.clone();
-        spawn("io-listener", move || loop {
-            match listener.accept_fd() {
-                Ok(fd) => hub.clone().arrive(fd),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    eprintln!("nestbox-agent: I/O port: accept: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        })
+        spawn("io-listener", move || accept_loop(hub, || listener.accept_fd()))
     }
 
     /// A new connection: its header is read on a thread of its own (a slow host must not
@@ -120,6 +106,40 @@ impl IoHub {
     /// Closes every waiting stream of a container (removed).
     pub fn forget_container(&self, container_id: &str) {
         self.lock().retain(|h, _| h.container_id != container_id);
+    }
+}
+
+/// How long the listener pauses after an accept failed for want of descriptors or memory.
+/// The connection that could not be accepted keeps the listener readable, so poll(2)
+/// would return at once and the loop would spin; nothing signals that a descriptor was
+/// freed, so the loop gives the streams in use a moment to close. Never reached otherwise.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accepts streams for as long as the listener works: each accept blocks in the kernel
+/// until a host connects, so an idle port costs nothing.
+fn accept_loop(hub: Arc<IoHub>, accept: impl Fn() -> io::Result<OwnedFd>) {
+    loop {
+        let e = match accept() {
+            Ok(fd) => {
+                hub.clone().arrive(fd);
+                continue;
+            }
+            Err(e) => e,
+        };
+        match e.raw_os_error() {
+            // A signal, or a connection that went away before it was accepted: the next
+            // accept is unaffected.
+            Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO) => {}
+            // The listener itself is unusable: no accept will ever succeed again.
+            Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP) => {
+                eprintln!("nestbox-agent: I/O port: accept: {e}; no more streams can be opened");
+                return;
+            }
+            _ => {
+                eprintln!("nestbox-agent: I/O port: accept: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                std::thread::sleep(ACCEPT_BACKOFF);
+            }
+        }
     }
 }
 
