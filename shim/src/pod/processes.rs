@@ -4,7 +4,7 @@
 
 use super::{Pod, VM_DIED_EXIT_STATUS};
 use crate::events::now;
-use crate::io::IoPaths;
+use crate::io::{IoPaths, BOUND_WARNING};
 use crate::metrics::cgroup_v2_metrics;
 use crate::process::{ProcStatus, Process};
 use crate::rpc_status::{agent_error, internal, status, RpcResult};
@@ -22,8 +22,11 @@ use nestbox_protocols::ttrpc;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-/// How long a process's exit waits for its last output to be copied.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+/// How long a process's exit report waits, at most, for its output streams to end. They
+/// end as soon as the guest sees EOF on the process's output, normally at its exit; the
+/// bound is a safety net for output a guest never closes (a daemon the process left
+/// behind that inherited it, or a hostile guest), so that the exit is reported anyway.
+const OUTPUT_DRAIN_BOUND: Duration = Duration::from_secs(60);
 
 impl Pod {
     pub fn start(self: &Arc<Self>, req: &StartRequest) -> RpcResult<StartResponse> {
@@ -80,9 +83,13 @@ impl Pod {
                 }
             };
             // Report the exit once the last output is with containerd (`ctr run` prints
-            // what it got by the time the task ends).
-            if !p.wait_output(OUTPUT_DRAIN) {
-                log::warn!("{}: output still open {OUTPUT_DRAIN:?} after exit", p.name());
+            // what it got by the time the task ends), as runc's shim does.
+            if !p.wait_output(OUTPUT_DRAIN_BOUND) {
+                log::warn!(
+                    "{BOUND_WARNING}: {}: output streams still open {OUTPUT_DRAIN_BOUND:?} after its exit; \
+                     reporting the exit without them",
+                    p.name()
+                );
             }
             if p.set_exited(exit_status) {
                 if let Some(pod) = Weak::upgrade(&pod) {
