@@ -23,6 +23,7 @@ mod error;
 pub mod mounts;
 pub mod network;
 mod paths;
+pub mod port_forward;
 pub mod template;
 pub mod vmm;
 
