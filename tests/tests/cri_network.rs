@@ -11,6 +11,8 @@
 //!   reach each other both ways;
 //! - a server in a nestbox pod answers on its pod IP and on a hostPort (CNI's portmap, from
 //!   the bridge's side);
+//! - CRI PortForward's path: a connection to localhost:<port> inside the pod's network
+//!   namespace on the host (what containerd makes) reaches the server in the guest;
 //! - the pod's resolv.conf (PodSandboxConfig.dns_config) is what its container reads;
 //! - after the pods are removed: no VMM, no sandbox directory, no mount, no CNI namespace.
 //!
@@ -110,20 +112,19 @@ fn cni_namespaces() -> Vec<String> {
     entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
 }
 
-/// The MAC of the CNI interface (eth0) in the network namespace of pod `ip`, read on the
-/// host side: the namespace whose eth0 has that address.
-fn cni_mac(ip: &str) -> Option<String> {
-    cni_namespaces().into_iter().filter(|n| n.starts_with("cni-")).find_map(|ns| {
-        let out =
-            std::process::Command::new("ip").args(["-n", &ns, "-o", "addr", "show", "dev", "eth0"]).output().ok()?;
-        if !String::from_utf8_lossy(&out.stdout).contains(&format!(" {ip}/")) {
-            return None;
-        }
-        let link =
-            std::process::Command::new("ip").args(["-n", &ns, "-o", "link", "show", "dev", "eth0"]).output().ok()?;
-        let link = String::from_utf8_lossy(&link.stdout).into_owned();
-        link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).map(str::to_string)
+/// The CNI network namespace (its name under /var/run/netns) whose eth0 has address `ip`.
+fn cni_netns_of(ip: &str) -> Option<String> {
+    cni_namespaces().into_iter().filter(|n| n.starts_with("cni-")).find(|ns| {
+        let out = std::process::Command::new("ip").args(["-n", ns, "-o", "addr", "show", "dev", "eth0"]).output();
+        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {ip}/")))
     })
+}
+
+/// The MAC of eth0 (CNI's veth) in network namespace `ns`.
+fn cni_mac(ns: &str) -> Option<String> {
+    let link = std::process::Command::new("ip").args(["-n", ns, "-o", "link", "show", "dev", "eth0"]).output().ok()?;
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).map(str::to_string)
 }
 
 #[test]
@@ -163,7 +164,8 @@ fn pod_network() {
         ifaces.lines().find(|l| l.starts_with("eth0 ")).unwrap_or_else(|| panic!("no eth0 in the guest: {ifaces}"));
     assert!(eth0.contains(&format!(" {}/16 ", server.ip)), "eth0 has the pod IP {}: {eth0}", server.ip);
     assert!(eth0.contains(" mtu=1500 "), "CNI's MTU: {eth0}");
-    let mac = cni_mac(&server.ip).expect("the server pod's CNI namespace and its eth0");
+    let server_netns = cni_netns_of(&server.ip).expect("the server pod's CNI network namespace");
+    let mac = cni_mac(&server_netns).expect("the MAC of eth0 in the server pod's CNI namespace");
     assert!(eth0.ends_with(&format!("mac={mac}")), "the guest's eth0 has the CNI veth's MAC {mac}: {eth0}");
     let routes = pods.exec(&server, &["cat", "/proc/net/route"]);
     assert!(
@@ -183,6 +185,15 @@ fn pod_network() {
     let got = run_with_deadline(&mut host_get, QUICK);
     assert!(got.status.success(), "hostPort {HOST_PORT}: {got:?}\n{}", pods.context());
     assert_eq!(got.stdout.trim(), "from-server", "the hostPort reaches the nestbox pod");
+
+    // PortForward: containerd connects to localhost:<port> inside the pod's network
+    // namespace on the host; the shim carries that into the guest's pod namespace.
+    let mut forward = std::process::Command::new("nsenter");
+    forward.arg(format!("--net=/var/run/netns/{server_netns}")).arg("--").arg(&probe);
+    forward.args(["get", "127.0.0.1", &PORT.to_string()]);
+    let got = run_with_deadline(&mut forward, QUICK);
+    assert!(got.status.success(), "port forward to {PORT}: {got:?}\n{}", pods.context());
+    assert_eq!(got.stdout.trim(), "from-server", "localhost in the pod's host namespace reaches the guest's");
 
     // DNS: the pod's resolv.conf is the one its container reads.
     let resolv = pods.exec(&server, &["cat", "/etc/resolv.conf"]);
