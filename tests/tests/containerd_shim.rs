@@ -11,13 +11,20 @@
 //! (output, stderr, exit code, stdin, terminal), ps, pause/resume, metrics and kill with a
 //! signal; creates that fail before and after the VM is up; one whose VMM is killed under
 //! it; the template made again after the kernel changes; a corrupt template falling back
-//! to a cold boot. Afterwards no sandbox directory, mount or VMM process may remain.
+//! to a cold boot. Afterwards no sandbox directory, mount or VMM process may remain, and
+//! no start or stop may have waited for a safety-net bound (their warnings in the log).
 
 use nestbox_tests::containerd::{Containerd, BUSYBOX, QUICK, RUNTIME};
 use nestbox_tests::{host_kernel_release, Finished, GUEST_DEADLINE};
 
 /// One call into a running guest: generous, for a loaded machine.
 const IN_GUEST: Duration = Duration::from_secs(300);
+
+/// How every safety-net bound of the start, exec and stop paths begins its warning when
+/// it is reached: the shim's `io::BOUND_WARNING` (output never closed after an exit) and
+/// the agent's `serve::BOUND_WARNING` (calls still in flight at shutdown; the guest's
+/// console reaches the shim's log). A normal run reaches none of them.
+const BOUND_WARNING: &str = "safety-net bound reached";
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -297,6 +304,10 @@ fn containers_run_in_their_own_vms() {
     assert!(templates(&c).is_empty(), "the corrupt template was not deleted: {:?}", templates(&c));
 
     c.assert_clean();
+    // Every start, exec and stop above ended on events (EOF, exits, the end of the long
+    // polls), none by running into a bound.
+    let bounded: Vec<String> = c.log().lines().filter(|l| l.contains(BOUND_WARNING)).map(String::from).collect();
+    assert!(bounded.is_empty(), "a start or stop waited for a safety-net bound:\n{}", bounded.join("\n"));
     let _ = events.kill();
     let _ = events.wait();
     let events = events_reader.join().unwrap_or_default();
