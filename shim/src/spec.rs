@@ -88,6 +88,13 @@ pub fn refuse_host_namespaces(spec: &Spec, annotations: &HashMap<String, String>
     Err(SpecError::HostNamespaces { pod: pod.to_string(), namespaces: missing })
 }
 
+/// The host path of the spec's network namespace, if it names one: for a CRI pod's sandbox
+/// container, the namespace CNI configured (`/var/run/netns/cni-...`).
+pub fn network_namespace(spec: &Spec) -> Option<PathBuf> {
+    let namespaces = spec.linux().as_ref()?.namespaces().as_ref()?;
+    namespaces.iter().find(|n| n.typ() == LinuxNamespaceType::Network)?.path().clone()
+}
+
 /// Reads and parses `<bundle>/config.json`.
 pub fn read(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
@@ -257,6 +264,7 @@ mod tests {
             {"type": "pid"}
         ]});
         let mut typed = spec_of(spec);
+        assert_eq!(network_namespace(&typed), Some(PathBuf::from("/proc/4242/ns/net")), "the host's path");
         rewrite_for_guest(&mut typed, "c1", PodRole::Member, &container_dir).expect("shared");
         let spec = json_of(&typed);
         assert_eq!(spec["root"]["path"], "/run/nestbox/shared/c1/rootfs");
@@ -271,6 +279,7 @@ mod tests {
             "host namespace paths are the pod's; a member's new PID namespace stays its own"
         );
         assert_eq!(spec["mounts"][0]["source"], "proc");
+        assert_eq!(network_namespace(&typed), Some(PathBuf::from("/run/nestbox/pod/ns/net")), "rewritten");
         assert_eq!(spec["mounts"][1]["source"], "/run/nestbox/shared/c1/mounts/1");
         assert_eq!(spec["mounts"][2]["source"], "/run/nestbox/shared/c1/mounts/2");
         assert_eq!(spec["mounts"][3]["source"], GUEST_POD_SHM_DIR, "the pod's shm in the guest");
@@ -290,6 +299,9 @@ mod tests {
         let mut spec = spec_of(json!({}));
         rewrite_for_guest(&mut spec, "c1", PodRole::Sandbox, Path::new("/nonexistent")).expect("nothing to share");
         assert_eq!(json_of(&spec)["root"], json!({"path": "/run/nestbox/shared/c1/rootfs"}));
+        assert_eq!(network_namespace(&spec), None);
+        let ctr_run = spec_of(json!({"linux": {"namespaces": [{"type": "network"}, {"type": "pid"}]}}));
+        assert_eq!(network_namespace(&ctr_run), None, "ctr run: a new namespace, no network work");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::io::IoPaths;
 use crate::process::{Container, Process};
 use crate::rpc_status::{agent_error, internal, sandbox_error, spec_error, status, RpcResult};
 use crate::sandbox::mounts::{self, MountSpec};
+use crate::sandbox::network::PodNetwork;
 use crate::sandbox::{self, Sandbox};
 use crate::spec;
 use containerd_shim::api::{CreateTaskRequest, CreateTaskResponse};
@@ -124,6 +125,9 @@ impl Pod {
         let size =
             self.config.vm_size(annotations).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         let context = format!("starting the VM of pod {sandbox_id}");
+        // The pod's network namespace on the host (CNI's, made by containerd's CRI), read
+        // before the spec is rewritten to the guest's paths; `ctr run` names none.
+        let netns = spec::network_namespace(spec);
         let paths = Sandbox::prepare(&self.config, sandbox_id).map_err(|e| sandbox_error(&context, e))?;
         let cleanup = |e: ttrpc::Error| {
             if let Err(cleanup) = sandbox::remove_dir(&paths.dir) {
@@ -132,7 +136,12 @@ impl Pod {
             e
         };
         self.share_files(&paths.container_dir(&req.id), req, spec).map_err(cleanup)?;
-        let sandbox = self.boot_vm(sandbox_id, size, paths.clone()).map_err(|e| cleanup(sandbox_error(&context, e)))?;
+        let network = match netns {
+            Some(netns) => Some(PodNetwork::setup(&netns).map_err(|e| cleanup(internal(format!("{context}: {e}"))))?),
+            None => None,
+        };
+        let sandbox =
+            self.boot_vm(sandbox_id, size, paths.clone(), network).map_err(|e| cleanup(sandbox_error(&context, e)))?;
         if let Err(e) = self.create_in_guest(&sandbox, req, spec, init) {
             // The pod's first container failed: the VM has nothing to run.
             if let Err(cleanup) = sandbox.stop() {

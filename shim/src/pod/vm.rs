@@ -6,6 +6,7 @@ use super::{Pod, VM_DIED_EXIT_STATUS};
 use crate::config::VmSize;
 use crate::process::Process;
 use crate::rpc_status::{internal, RpcResult};
+use crate::sandbox::network::PodNetwork;
 use crate::sandbox::{Sandbox, SandboxError, SandboxPaths};
 use containerd_shim::protos::events::task::TaskOOM;
 use std::process::ExitStatus;
@@ -14,12 +15,14 @@ use std::sync::{Arc, Weak};
 impl Pod {
     /// Starts the pod's VM on its prepared directory and waits for its agent. The VMM's
     /// death is reported to this pod for as long as the pod lives (a weak reference: the
-    /// VMM's supervisor must not keep a finished pod alive).
+    /// VMM's supervisor must not keep a finished pod alive). The pod's network, if it has
+    /// one, goes to the sandbox.
     pub(super) fn boot_vm(
         self: &Arc<Self>,
         sandbox_id: &str,
         size: VmSize,
         paths: SandboxPaths,
+        network: Option<PodNetwork>,
     ) -> Result<Arc<Sandbox>, SandboxError> {
         let weak = Arc::downgrade(self);
         let on_exit = Box::new(move |exit| {
@@ -28,7 +31,7 @@ impl Pod {
             }
         });
         log::info!("pod {sandbox_id}: starting a VM ({} vCPUs, {} MiB)", size.vcpus, size.memory_mib);
-        Sandbox::boot(&self.config, sandbox_id, size, paths, on_exit).map(Arc::new)
+        Sandbox::boot(&self.config, sandbox_id, size, paths, network, on_exit).map(Arc::new)
     }
 
     /// Makes a started VM the pod's: later containers go into it, and its OOM kills are

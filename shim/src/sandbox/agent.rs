@@ -171,6 +171,33 @@ impl Agent {
         self.unit("CreateSandbox", self.client.create_sandbox(self.ctx(), &req))
     }
 
+    /// Configures the guest's interface as CNI's (its name, MAC, MTU, addresses) in the
+    /// pod's network namespace.
+    pub fn update_interface(&self, interface: &types::Interface) -> Result<(), AgentError> {
+        let req = agent::UpdateInterfaceRequest { interface: Some(interface.clone()).into(), ..Default::default() };
+        let call = "UpdateInterface";
+        self.client
+            .update_interface(self.ctx(), &req)
+            .map(|_| ())
+            .map_err(|source| AgentError::Call { call, source: Box::new(source) })
+    }
+
+    /// Makes `routes` the pod network namespace's routing table.
+    pub fn update_routes(&self, routes: &[types::Route]) -> Result<(), AgentError> {
+        let routes = types::Routes { routes: routes.to_vec(), ..Default::default() };
+        let req = agent::UpdateRoutesRequest { routes: Some(routes).into(), ..Default::default() };
+        let call = "UpdateRoutes";
+        self.client
+            .update_routes(self.ctx(), &req)
+            .map(|_| ())
+            .map_err(|source| AgentError::Call { call, source: Box::new(source) })
+    }
+
+    pub fn add_arp_neighbors(&self, neighbors: &[types::ARPNeighbor]) -> Result<(), AgentError> {
+        let req = agent::AddArpNeighborsRequest { neighbors: neighbors.to_vec(), ..Default::default() };
+        self.unit("AddArpNeighbors", self.client.add_arp_neighbors(self.ctx(), &req))
+    }
+
     pub fn create_container(&self, id: &str, spec_json: Vec<u8>, stdio: StdioSpec) -> Result<(), AgentError> {
         let req = agent::CreateContainerRequest {
             container_id: id.to_string(),

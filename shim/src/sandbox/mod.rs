@@ -34,6 +34,7 @@ use crate::config::{Config, VmSize};
 use agent::{Agent, AgentError};
 use connect::connect;
 use console::ConsoleTail;
+use network::{NetworkConfig, PodNetwork};
 use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +58,8 @@ pub struct Sandbox {
     agent: Agent,
     stopping: Arc<AtomicBool>,
     console: ConsoleTail,
+    /// The pod's network on the host (tap, redirects), torn down at stop.
+    network: Mutex<Option<PodNetwork>>,
 }
 
 impl Sandbox {
@@ -85,20 +88,39 @@ impl Sandbox {
     /// is none), booted cold otherwise or when that fails, with the reason logged. On
     /// failure the VMM is killed; the directory stays for the caller, who also owns what it
     /// mounted there. `on_vmm_exit` runs when the VMM ends other than through
-    /// [`Sandbox::stop`].
+    /// [`Sandbox::stop`]. The pod's `network`, if it has one, gives the VM its tap and the
+    /// guest its configuration; the sandbox then owns it (a failed boot tears it down).
     pub fn boot(
         config: &Config,
         id: &str,
         size: VmSize,
         paths: SandboxPaths,
+        network: Option<PodNetwork>,
+        on_vmm_exit: Box<dyn FnOnce(ExitStatus) + Send>,
+    ) -> Result<Sandbox, SandboxError> {
+        let sandbox = Sandbox::boot_with(config, id, size, paths, network.as_ref(), on_vmm_exit)?;
+        *sandbox.network.lock().unwrap_or_else(|e| e.into_inner()) = network;
+        Ok(sandbox)
+    }
+
+    fn boot_with(
+        config: &Config,
+        id: &str,
+        size: VmSize,
+        paths: SandboxPaths,
+        network: Option<&PodNetwork>,
         on_vmm_exit: Box<dyn FnOnce(ExitStatus) + Send>,
     ) -> Result<Sandbox, SandboxError> {
         let on_vmm_exit: ExitHandler = Arc::new(Mutex::new(Some(on_vmm_exit)));
+        let net_tap_fd = network.and_then(PodNetwork::tap_fd);
+        let guest_network = network.map(PodNetwork::config);
         if config.warm_start {
             match template::prepare(config, size, false) {
                 Ok(template) => {
-                    let spec = VmmSpec::restore(config, size, &paths, &template);
-                    match Sandbox::start(config, id, &spec, paths.clone(), RESTORE_TIMEOUT, on_vmm_exit.clone()) {
+                    let spec = VmmSpec { net_tap_fd, ..VmmSpec::restore(config, size, &paths, &template) };
+                    let timeout = RESTORE_TIMEOUT;
+                    match Sandbox::start(config, id, &spec, paths.clone(), timeout, guest_network, on_vmm_exit.clone())
+                    {
                         Ok(sandbox) => return Ok(sandbox),
                         Err(e) => {
                             log::warn!(
@@ -116,18 +138,19 @@ impl Sandbox {
                 Err(e) => log::warn!("sandbox {id}: no template to restore, booting cold: {e}"),
             }
         }
-        let spec = VmmSpec::boot(config, size, &paths);
-        Sandbox::start(config, id, &spec, paths, config.boot_timeout, on_vmm_exit)
+        let spec = VmmSpec { net_tap_fd, ..VmmSpec::boot(config, size, &paths) };
+        Sandbox::start(config, id, &spec, paths, config.boot_timeout, guest_network, on_vmm_exit)
     }
 
     /// Spawns the VMM of `spec` and waits up to `timeout` for its agent, then creates the
-    /// sandbox in the guest.
+    /// sandbox in the guest and configures its network.
     fn start(
         config: &Config,
         id: &str,
         spec: &VmmSpec,
         paths: SandboxPaths,
         timeout: Duration,
+        network: Option<&NetworkConfig>,
         on_vmm_exit: ExitHandler,
     ) -> Result<Sandbox, SandboxError> {
         let stopping = Arc::new(AtomicBool::new(false));
@@ -156,9 +179,10 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        let sandbox = Sandbox { id: id.to_string(), paths, vmm, agent, stopping, console };
+        let network_slot = Mutex::new(None);
+        let sandbox = Sandbox { id: id.to_string(), paths, vmm, agent, stopping, console, network: network_slot };
         let how = if spec.restore.is_some() { "restored" } else { "booted" };
-        match sandbox.greet(how, started) {
+        match sandbox.greet(how, started, network) {
             Ok(()) => sandbox.arm(&armed, &on_vmm_exit, started),
             Err(e) => {
                 fail(&sandbox.vmm, &sandbox.stopping);
@@ -167,9 +191,9 @@ impl Sandbox {
         }
     }
 
-    /// Asks the agent for its version (logged with how long the VM took) and gives the
-    /// guest its identity (CreateSandbox).
-    fn greet(&self, how: &str, started: Instant) -> Result<(), AgentError> {
+    /// Asks the agent for its version (logged with how long the VM took), gives the guest
+    /// its identity (CreateSandbox) and the pod's network, if it has one.
+    fn greet(&self, how: &str, started: Instant, network: Option<&NetworkConfig>) -> Result<(), AgentError> {
         let id = &self.id;
         let v = self.agent.version()?;
         log::info!(
@@ -179,7 +203,23 @@ impl Sandbox {
             started.elapsed().as_secs_f64()
         );
         let hostname: String = id.chars().take(12).collect();
-        self.agent.create_sandbox(id, &hostname)
+        self.agent.create_sandbox(id, &hostname)?;
+        let Some(network) = network else { return Ok(()) };
+        self.agent.update_interface(&network.interface)?;
+        self.agent.update_routes(&network.routes)?;
+        // No permanent neighbours: nothing to add, no call.
+        if !network.neighbors.is_empty() {
+            self.agent.add_arp_neighbors(&network.neighbors)?;
+        }
+        log::info!(
+            "sandbox {id}: guest network: {} ({}) with {} addresses, {} routes, {} neighbours",
+            network.interface.name,
+            network.interface.hw_addr,
+            network.interface.addresses.len(),
+            network.routes.len(),
+            network.neighbors.len()
+        );
+        Ok(())
     }
 
     /// Makes this VMM the pod's: from now on its exit goes to the pod's handler.
@@ -230,6 +270,12 @@ impl Sandbox {
             }
         }
         self.console.stop.store(true, Ordering::Release);
+        // After the VMM is gone, so the tap's last descriptor is the one closed here.
+        if let Some(mut network) = self.network.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Err(e) = network.teardown() {
+                log::error!("sandbox {}: {e}", self.id);
+            }
+        }
         Ok(remove_dir(&self.paths.dir)?)
     }
 

@@ -29,7 +29,7 @@ use super::connect::connect;
 use super::console::ConsoleTail;
 use super::error::SandboxError;
 use super::paths::{remove_dir, SandboxPaths};
-use super::vmm::{Vmm, VmmSpec};
+use super::vmm::{Vmm, VmmSpec, GUEST_NET_MAC};
 use crate::config::{Config, VmSize};
 use std::fmt::Write as _;
 use std::fs::File;
@@ -43,6 +43,8 @@ use std::time::{Duration, Instant};
 /// The VMM's snapshot files, both required for a template to count as made.
 const SNAPSHOT_FILES: [&str; 2] = ["state", "memory"];
 const INPUTS_FILE: &str = "inputs";
+/// The inputs line of the template's network device.
+const NET_PARAM: &str = "param net virtio-net";
 /// Writing a snapshot is a memory-sized file write; generous for a loaded host.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -94,6 +96,9 @@ impl TemplateInputs {
         let _ = writeln!(description, "param cpu_template {}", config.cpu_template);
         let _ = writeln!(description, "param kernel_params {}", config.guest_kernel_params());
         let _ = writeln!(description, "param nestbox {}", env!("CARGO_PKG_VERSION"));
+        // The template VM has the virtio-net device every pod VM has, without a backend (a
+        // restored pod VM attaches its tap); templates made before it have no device.
+        let _ = writeln!(description, "{NET_PARAM} {GUEST_NET_MAC} detached");
         Ok(TemplateInputs { key: format!("{:016x}", fnv1a(&description)), description })
     }
 }
@@ -252,6 +257,9 @@ pub fn prune(config: &Config, keep: &str) {
 
 /// Why a template's recorded inputs no longer hold, if they do not.
 fn stale_input(recorded: &str) -> Option<String> {
+    if !recorded.lines().any(|l| l.starts_with(NET_PARAM)) {
+        return Some("it was made without a network device".to_string());
+    }
     for line in recorded.lines() {
         let mut fields = line.split(' ');
         if fields.next() != Some("file") {
@@ -344,6 +352,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(dir.path().join("vmlinux"), "a rebuilt kernel").expect("write");
         assert_eq!(stale_input(&inputs.description).map(|r| r.contains("kernel")), Some(true));
+        let without_net: String =
+            inputs.description.lines().filter(|l| !l.starts_with(NET_PARAM)).map(|l| format!("{l}\n")).collect();
+        assert_eq!(stale_input(&without_net).as_deref(), Some("it was made without a network device"));
         prune(&c, "none-kept");
         assert!(!made.exists() && !other_dir.exists());
     }

@@ -10,6 +10,7 @@ use super::agent::FS_TAG;
 use super::paths::SandboxPaths;
 use crate::config::{Config, VmSize};
 use std::fs::File;
+use std::os::fd::RawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -20,6 +21,12 @@ use std::time::{Duration, Instant};
 /// lets [`Vmm::kill`] signal the child under the same lock that reaps it, so a recycled
 /// PID can never be hit.
 const POLL: Duration = Duration::from_millis(50);
+
+/// The MAC address of every VM's virtio-net device: one fixed, locally administered
+/// address, so that a template (made before any pod exists) carries the same device as a
+/// cold-booted VM. The agent gives the guest's interface CNI's MAC when the pod has a
+/// network; the device's own address is never seen outside the VM.
+pub const GUEST_NET_MAC: &str = "02:6e:62:00:00:01";
 
 /// Everything the VMM is started with.
 #[derive(Clone, Debug)]
@@ -41,6 +48,11 @@ pub struct VmmSpec {
     pub api_socket: Option<PathBuf>,
     /// Start from this template (snapshot directory) instead of booting the kernel.
     pub restore: Option<PathBuf>,
+    /// The virtio-net device's MAC on boot (`--net-mac`); a restored VM has the template's.
+    pub net_mac: Option<String>,
+    /// The pod's tap for that device (`--net-tap-fd`): a descriptor of the shim, which the
+    /// child inherits (see [`Vmm::spawn`]); without it the device has no backend.
+    pub net_tap_fd: Option<RawFd>,
 }
 
 impl VmmSpec {
@@ -62,6 +74,8 @@ impl VmmSpec {
             log: paths.vmm_log.clone(),
             api_socket: None,
             restore: None,
+            net_mac: Some(GUEST_NET_MAC.to_string()),
+            net_tap_fd: None,
         }
     }
 
@@ -89,6 +103,9 @@ impl VmmSpec {
         if let Some(api) = &self.api_socket {
             cmd.arg("--api-socket").arg(api);
         }
+        if let Some(fd) = self.net_tap_fd {
+            cmd.arg("--net-tap-fd").arg(fd.to_string());
+        }
         cmd
     }
 
@@ -105,6 +122,9 @@ impl VmmSpec {
             .arg(&self.cpu_template);
         if !self.kernel_params.is_empty() {
             cmd.arg("--cmdline").arg(&self.kernel_params);
+        }
+        if let Some(mac) = &self.net_mac {
+            cmd.arg("--net-mac").arg(mac);
         }
     }
 }
@@ -137,12 +157,20 @@ impl Vmm {
         let log = File::create(&spec.log).map_err(|source| VmmError::Log { path: spec.log.clone(), source })?;
         let mut cmd = spec.command();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of
-        // the parent; it is all that runs between fork and exec.
+        let tap = spec.net_tap_fd;
+        // SAFETY: prctl(PR_SET_PDEATHSIG) and fcntl(F_SETFD) are async-signal-safe and touch
+        // no memory of the parent; they are all that runs between fork and exec. The tap's
+        // close-on-exec flag is cleared in the child's own descriptor table only, so no
+        // other child of the shim (spawned meanwhile by another thread) inherits the tap.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = tap {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -287,6 +315,8 @@ mod tests {
             log: dir.join("vmm.log"),
             api_socket: None,
             restore: None,
+            net_mac: Some(GUEST_NET_MAC.into()),
+            net_tap_fd: None,
         }
     }
 
@@ -301,6 +331,47 @@ mod tests {
         let boot: Vec<String> =
             spec(dir.path(), "vmm").command().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert!(boot.iter().any(|a| a == "--kernel") && !boot.iter().any(|a| a == "--restore"), "{boot:?}");
+    }
+
+    /// Every VM has the virtio-net device (a restored one from its template); a pod with a
+    /// network also gets its tap.
+    #[test]
+    fn the_net_device_is_booted_with_the_fixed_mac_and_the_tap_goes_to_boot_and_restore() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args =
+            |s: &VmmSpec| -> Vec<String> { s.command().get_args().map(|a| a.to_string_lossy().into_owned()).collect() };
+        let pair = |args: &[String], flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
+        let detached = args(&spec(dir.path(), "vmm"));
+        assert_eq!(pair(&detached, "--net-mac").as_deref(), Some(GUEST_NET_MAC));
+        assert!(!detached.iter().any(|a| a == "--net-tap-fd"), "no tap: a device without backend");
+        let booted = args(&VmmSpec { net_tap_fd: Some(7), ..spec(dir.path(), "vmm") });
+        assert_eq!(pair(&booted, "--net-tap-fd").as_deref(), Some("7"));
+        let restored =
+            args(&VmmSpec { net_tap_fd: Some(7), restore: Some(dir.path().join("tpl")), ..spec(dir.path(), "vmm") });
+        assert_eq!(pair(&restored, "--net-tap-fd").as_deref(), Some("7"));
+        assert!(!restored.iter().any(|a| a == "--net-mac"), "device and MAC come from the snapshot: {restored:?}");
+    }
+
+    /// The tap descriptor, close-on-exec in the shim, is open in the VMM.
+    #[test]
+    fn the_tap_descriptor_is_inherited_by_the_vmm_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tap = File::open("/dev/null").expect("a descriptor standing in for the tap");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tap);
+        // SAFETY: F_GETFD on a descriptor we own.
+        assert_ne!(unsafe { libc::fcntl(fd, libc::F_GETFD) } & libc::FD_CLOEXEC, 0, "close-on-exec in the shim");
+        let script = dir.path().join("fake-vmm");
+        let out = dir.path().join("fds");
+        std::fs::write(&script, format!("#!/bin/sh\nls /proc/self/fd > {}\n", out.display())).expect("write");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let (tx, rx) = mpsc::channel();
+        let spec = VmmSpec { net_tap_fd: Some(fd), ..spec(dir.path(), &script.to_string_lossy()) };
+        let _vmm = Vmm::spawn(&spec, Box::new(move |s| tx.send(s).expect("send"))).expect("spawn");
+        assert!(rx.recv_timeout(Duration::from_secs(10)).expect("ended").success());
+        let fds = std::fs::read_to_string(&out).expect("the child listed its descriptors");
+        assert!(fds.lines().any(|l| l == fd.to_string()), "fd {fd} open in the child: {fds}");
+        // SAFETY: as above.
+        assert_ne!(unsafe { libc::fcntl(fd, libc::F_GETFD) } & libc::FD_CLOEXEC, 0, "still close-on-exec in the shim");
     }
 
     #[test]
