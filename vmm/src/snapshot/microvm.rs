@@ -34,7 +34,7 @@ pub struct MicrovmState {
 
 /// Format version 1: the same without a net device. Read so that snapshots (warm
 /// templates) taken by an older VMM still restore.
-#[derive(Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct MicrovmStateV1 {
     pub memory_mib: u64,
     pub cpu_vendor: String,
@@ -100,5 +100,60 @@ impl MicrovmState {
             (None, Some(mac), None) => mismatch(format!("--net-mac {mac}: the snapshot has no net device")),
             (None, None, None) => Ok(()),
         }
+    }
+}
+
+/// A state with no vCPUs and default device states, for tests of the format.
+#[cfg(test)]
+pub(crate) fn test_state() -> MicrovmState {
+    MicrovmState {
+        memory_mib: 128,
+        cpu_vendor: "Intel".into(),
+        cpu_template: CpuTemplate::Pvm,
+        vcpus: Vec::new(),
+        vm: VmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        serial: Default::default(),
+        virtio: vec![Default::default()],
+        net: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::net::MacAddr;
+
+    #[test]
+    fn net_device_and_mac_come_from_the_snapshot() {
+        let dir = Path::new("/snap");
+        let with_net = MicrovmState {
+            net: Some(NetState { mac: MacAddr([2, 0, 0, 0, 0, 7]), acked_features: 0 }),
+            ..test_state()
+        };
+        let mut settings = FileConfig { net_tap_fd: Some(5), ..Default::default() };
+        with_net.apply_devices(dir, &mut settings).unwrap();
+        assert_eq!(settings.net_mac.as_deref(), Some("02:00:00:00:00:07"));
+        assert_eq!(settings.net_tap_fd, Some(5));
+        let mut same = FileConfig { net_mac: Some("02:00:00:00:00:07".into()), ..Default::default() };
+        assert!(with_net.apply_devices(dir, &mut same).is_ok());
+        let mut other = FileConfig { net_mac: Some("02:00:00:00:00:08".into()), ..Default::default() };
+        let err = with_net.apply_devices(dir, &mut other).unwrap_err().to_string();
+        assert!(err.contains("--net-mac 02:00:00:00:00:08") && err.contains("02:00:00:00:00:07"), "{err}");
+
+        let without = test_state();
+        let mut tap = FileConfig { net_tap_fd: Some(5), ..Default::default() };
+        let err = without.apply_devices(dir, &mut tap).unwrap_err().to_string();
+        assert!(err.contains("--net-tap-fd 5") && err.contains("no net device"), "{err}");
+        let mut mac = FileConfig { net_mac: Some("02:00:00:00:00:08".into()), ..Default::default() };
+        assert!(without.apply_devices(dir, &mut mac).is_err());
+        let mut none = FileConfig::default();
+        assert!(without.apply_devices(dir, &mut none).is_ok());
+        assert_eq!(none.net_mac, None);
     }
 }

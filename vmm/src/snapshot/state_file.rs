@@ -64,6 +64,46 @@ pub fn read_state(dir: &Path) -> Result<MicrovmState, SnapshotError> {
 mod tests {
     use super::*;
 
+    /// Writes `payload` as a state file of format `version`.
+    fn write_raw(dir: &Path, version: u32, payload: &[u8]) {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&version.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(&fnv64(payload).to_le_bytes());
+        std::fs::write(dir.join(STATE_FILE), bytes).unwrap();
+    }
+
+    #[test]
+    fn version_1_without_net_still_reads_and_version_2_keeps_the_net_device() {
+        use crate::devices::virtio::net::{persist::NetState, MacAddr};
+        let dir = std::env::temp_dir().join(format!("nestbox-state-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = crate::snapshot::microvm::test_state();
+        let v1 = MicrovmStateV1 {
+            memory_mib: s.memory_mib,
+            cpu_vendor: s.cpu_vendor,
+            cpu_template: s.cpu_template,
+            vcpus: s.vcpus,
+            vm: s.vm,
+            serial: s.serial,
+            virtio: s.virtio,
+        };
+        write_raw(&dir, 1, &bincode::serialize(&v1).unwrap());
+        let state = read_state(&dir).unwrap();
+        assert_eq!((state.memory_mib, state.virtio.len()), (128, 1));
+        assert!(state.net.is_none());
+
+        let net = NetState { mac: MacAddr([2, 0, 0, 0, 0, 9]), acked_features: 0x1_0000_0023 };
+        let v2 = MicrovmState { net: Some(net.clone()), ..state };
+        write_state(&dir, &v2).unwrap();
+        assert_eq!(read_state(&dir).unwrap().net, Some(net));
+        write_raw(&dir, 3, b"later");
+        let err = read_state(&dir).unwrap_err().to_string();
+        assert!(err.contains("format version 3"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn fnv_is_stable() {
         assert_eq!(fnv64(b""), 0xcbf2_9ce4_8422_2325);

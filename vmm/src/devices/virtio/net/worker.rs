@@ -150,7 +150,8 @@ impl Worker {
     fn return_chain(&mut self, queue: usize, head: u16, len: u32) {
         let q = if queue == RX_QUEUE { &mut self.rx } else { &mut self.tx };
         if q.add_used(&self.memory, head, len).is_err() {
-            self.log(format_args!("used ring of queue {queue} is not writable"));
+            // A head out of range cannot be returned: the guest loses that chain.
+            self.log(format_args!("chain {head} of queue {queue} cannot be returned (bad head or used ring)"));
         }
     }
 
