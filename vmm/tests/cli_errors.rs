@@ -171,3 +171,25 @@ fn installed_kernel() -> PathBuf {
 fn installed_initramfs() -> PathBuf {
     guest_dir().join("initramfs.cpio")
 }
+
+#[test]
+fn net_mac_invalid() {
+    for (mac, why) in
+        [("01:02:03:04:05:06", "multicast"), ("02:00:00:00:00", "six hex bytes"), ("02:00:00:00:00:zz", "\"zz\"")]
+    {
+        let out = vmm(&["--net-mac", mac, "--kernel", "/nonexistent/vmlinux"]);
+        assert_error(&out, 1, &["--net-mac", mac, why]);
+    }
+}
+
+#[test]
+fn net_tap_fd_invalid() {
+    let out = vmm(&["--net-tap-fd", "5", "--kernel", "/nonexistent/vmlinux"]);
+    assert_error(&out, 1, &["--net-tap-fd 5", "--net-mac"]);
+    // The descriptor is checked once KVM is open, before any guest file is read.
+    let mac = ["--net-mac", "02:00:00:00:00:01", "--kernel", "/nonexistent/vmlinux", "--initramfs", "/dev/null"];
+    let out = vmm(&[&mac[..], &["--net-tap-fd", "77"]].concat());
+    assert_error(&out, 1, &["--net-tap-fd 77", "not an open file descriptor"]);
+    let out = vmm(&[&mac[..], &["--net-tap-fd", "2"]].concat());
+    assert_error(&out, 1, &["--net-tap-fd 2", "not an attached tun/tap device"]);
+}
