@@ -20,6 +20,7 @@ mod error;
 mod host;
 mod identity;
 mod init;
+mod network;
 mod oom;
 mod pod_namespaces;
 mod port_forward;

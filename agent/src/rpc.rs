@@ -1,7 +1,6 @@
 //! The agent API's surface: one method per RPC of `nestbox.agent.v1.AgentService`, each a
 //! thin mapping onto the sandbox and its containers (`sandbox`, `container`), with errors
-//! as ttrpc status codes (`error`). The network calls answer UNIMPLEMENTED naming the
-//! method, so a shim can tell "not there yet" from a failure.
+//! as ttrpc status codes (`error`); the network calls map onto `network`.
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -30,13 +29,6 @@ impl AgentRpc {
     pub fn new(init_daemon: bool, shutdown: Sender<()>, sandbox: Arc<Sandbox>) -> Self {
         Self { init_daemon, shutdown, sandbox }
     }
-}
-
-fn not_implemented<T>(method: &str) -> ttrpc::Result<T> {
-    Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
-        ttrpc::Code::UNIMPLEMENTED,
-        format!("{method} is not implemented yet"),
-    )))
 }
 
 pub fn kernel_release() -> String {
@@ -173,16 +165,22 @@ impl AgentService for AgentRpc {
     fn update_interface(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::UpdateInterfaceRequest,
+        req: agent::UpdateInterfaceRequest,
     ) -> ttrpc::Result<types::Interface> {
-        not_implemented("UpdateInterface")
+        let iface =
+            req.interface.as_ref().ok_or_else(|| crate::error::invalid("UpdateInterface without an interface"))?;
+        let pod = self.sandbox.pod_namespaces();
+        Ok(crate::network::update_interface(pod.as_ref().map(|p| p.net()), iface)?)
     }
 
-    fn update_routes(&self, _ctx: &TtrpcContext, _req: agent::UpdateRoutesRequest) -> ttrpc::Result<types::Routes> {
-        not_implemented("UpdateRoutes")
+    fn update_routes(&self, _ctx: &TtrpcContext, req: agent::UpdateRoutesRequest) -> ttrpc::Result<types::Routes> {
+        let pod = self.sandbox.pod_namespaces();
+        let wanted = req.routes.as_ref().cloned().unwrap_or_default();
+        Ok(crate::network::update_routes(pod.as_ref().map(|p| p.net()), &wanted)?)
     }
 
-    fn add_arp_neighbors(&self, _ctx: &TtrpcContext, _req: agent::AddArpNeighborsRequest) -> ttrpc::Result<Empty> {
-        not_implemented("AddArpNeighbors")
+    fn add_arp_neighbors(&self, _ctx: &TtrpcContext, req: agent::AddArpNeighborsRequest) -> ttrpc::Result<Empty> {
+        let pod = self.sandbox.pod_namespaces();
+        empty(crate::network::add_arp_neighbors(pod.as_ref().map(|p| p.net()), &req.neighbors))
     }
 }

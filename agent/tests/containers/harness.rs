@@ -54,9 +54,22 @@ pub fn is_root() -> bool {
 
 impl Agent {
     pub fn start() -> Agent {
+        Agent::start_in(&[])
+    }
+
+    /// The agent run by `wrapper` (e.g. `ip netns exec NAME`), which ends by executing it.
+    pub fn start_in(wrapper: &[&str]) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
-        let mut child = Command::new(AGENT)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(AGENT);
+                c
+            }
+            None => Command::new(AGENT),
+        };
+        let mut child = command
             .arg(format!("--listen=unix://{}", socket.display()))
             .stdin(ProcStdio::null())
             .stdout(ProcStdio::piped())

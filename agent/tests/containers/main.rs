@@ -21,6 +21,7 @@ macro_rules! root_only {
 mod bad_input;
 mod harness;
 mod limits;
+mod network;
 mod pod;
 mod port_forward;
 mod processes;

@@ -1,0 +1,68 @@
+//! The pod's network in the guest (issue 13): the shim hands over what CNI made on the
+//! host (an interface's MAC, MTU and addresses, routes, permanent neighbours) and the
+//! agent gives it to the VM's virtio-net interface, moved into the pod's network
+//! namespace. Kata's agent (network.rs, netlink.rs) is the model.
+//!
+//! rtnetlink is spoken synchronously (netlink-packet-route messages on a netlink-sys
+//! socket, `socket`): the agent's calls are synchronous threads and it has no async
+//! runtime, which rtnetlink's crate would bring (tokio) for a few requests per pod.
+//!
+//! Layers, one way: `request` (checks, typed values) and `socket` (the netlink client),
+//! then `rtnl` (the requests), `device` (which interface), `interface` and `routes` (the
+//! calls); this module holds the lock and the entry points.
+
+mod device;
+mod interface;
+mod request;
+mod routes;
+mod rtnl;
+mod socket;
+
+use std::os::fd::BorrowedFd;
+use std::sync::{Mutex, MutexGuard};
+
+use nestbox_protocols::types;
+
+use crate::error::AgentError;
+use socket::Netlink;
+
+/// One network change at a time: a call reads the tables and changes them from what it
+/// read, which another call's changes in between would make wrong.
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A netlink socket in the pod's network namespace, or the agent's when there is no pod
+/// (no sandbox yet: the interface was configured where it is, see `interface::update`).
+fn pod_socket(netns: Option<BorrowedFd<'_>>) -> Result<Netlink, AgentError> {
+    match netns {
+        Some(ns) => Netlink::open_in(ns).map_err(|e| AgentError::internal("netlink in the pod's network namespace", e)),
+        None => Netlink::open().map_err(|e| AgentError::internal("netlink in the agent's network namespace", e)),
+    }
+}
+
+/// UpdateInterface: `netns` is the pod's network namespace (None before CreateSandbox).
+pub fn update_interface(
+    netns: Option<BorrowedFd<'_>>,
+    iface: &types::Interface,
+) -> Result<types::Interface, AgentError> {
+    let spec = request::interface(iface)?;
+    let _one = lock();
+    interface::update(&spec, netns)
+}
+
+/// UpdateRoutes: the main table of the pod's namespace made to match `wanted`.
+pub fn update_routes(netns: Option<BorrowedFd<'_>>, wanted: &types::Routes) -> Result<types::Routes, AgentError> {
+    let specs = request::routes(&wanted.routes)?;
+    let _one = lock();
+    routes::update(&mut pod_socket(netns)?, &specs)
+}
+
+/// AddArpNeighbors: static neighbour entries added or replaced in the pod's namespace.
+pub fn add_arp_neighbors(netns: Option<BorrowedFd<'_>>, neighbors: &[types::ARPNeighbor]) -> Result<(), AgentError> {
+    let specs = neighbors.iter().enumerate().map(|(n, a)| request::neighbour(n, a)).collect::<Result<Vec<_>, _>>()?;
+    let _one = lock();
+    routes::add_neighbours(&mut pod_socket(netns)?, &specs)
+}
