@@ -171,6 +171,9 @@ pub async fn routes(handle: &Handle, ctx: &Context, veth: &Veth) -> Result<Vec<R
             handle.route().get(query).execute().try_collect().await.map_err(ctx.at(step))?;
         routes.extend(messages.iter().filter_map(|m| route_of(m, veth)));
     }
+    // Routes without a gateway first: a gateway must be reachable (by one of them, or by a
+    // prefix route of an address) when the route through it is added.
+    routes.sort_by_key(|r| !r.gateway.is_empty());
     Ok(routes)
 }
 

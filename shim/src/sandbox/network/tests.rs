@@ -51,6 +51,7 @@ impl TestNetns {
             vec!["-n", ns, "addr", "add", "10.99.0.5/24", "dev", "eth0"],
             vec!["-n", ns, "addr", "add", "fd00:99::5/64", "dev", "eth0", "nodad"],
             vec!["-n", ns, "route", "add", "default", "via", "10.99.0.1", "dev", "eth0"],
+            vec!["-n", ns, "route", "add", "10.100.0.0/16", "dev", "eth0", "scope", "link"],
             vec![
                 "-n",
                 ns,
@@ -163,7 +164,12 @@ fn setup_reads_cnis_network_and_redirects_both_ways_and_teardown_leaves_nothing(
     assert_eq!(addresses, [("10.99.0.5".to_string(), 24), ("fd00:99::5".to_string(), 64)], "no link-local");
     let routes: Vec<(&str, &str, &str)> =
         c.routes.iter().map(|r| (r.dest.as_str(), r.gateway.as_str(), r.device.as_str())).collect();
-    assert_eq!(routes, [("", "10.99.0.1", "eth0")], "the default route only: kernel prefix routes left out");
+    assert_eq!(
+        routes,
+        [("10.100.0.0/16", "", "eth0"), ("", "10.99.0.1", "eth0")],
+        "link routes before gateway routes; kernel prefix routes left out"
+    );
+    assert_eq!(c.routes[0].scope, 253, "RT_SCOPE_LINK");
     assert_eq!(c.neighbors.len(), 1, "{:?}", c.neighbors);
     let n = &c.neighbors[0];
     assert_eq!(
