@@ -6,7 +6,7 @@
 //! entered the pod's namespace, so the agent's own threads never switch namespaces.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use netlink_packet_core::{
@@ -14,6 +14,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use nix::sys::time::TimeValLike;
 
 /// The kernel answers a request at once (it is handled in the sending system call); a
 /// missing answer would be a kernel bug, but a call stuck forever would hold the network
@@ -39,20 +40,9 @@ impl Netlink {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| context("opening a netlink socket", e))?;
         socket.bind_auto().map_err(|e| context("binding the netlink socket", e))?;
         socket.connect(&SocketAddr::new(0, 0)).map_err(|e| context("connecting the netlink socket", e))?;
-        let timeout = libc::timeval { tv_sec: RECEIVE_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
-        // SAFETY: setsockopt on a socket we own, with a timeval that lives across the call.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                std::ptr::addr_of!(timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(context("setting the netlink socket's receive timeout", io::Error::last_os_error()));
-        }
+        let timeout = nix::sys::time::TimeVal::seconds(RECEIVE_TIMEOUT.as_secs() as i64);
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+            .map_err(|e| context("setting the netlink socket's receive timeout", e.into()))?;
         Ok(Netlink { socket, seq: 0, buf: vec![0; RECEIVE_BUFFER] })
     }
 
