@@ -38,6 +38,7 @@ pub struct PodNetwork {
     netns: Netns,
     veth: Veth,
     tap: Option<File>,
+    tap_index: u32,
     config: NetworkConfig,
 }
 
@@ -47,7 +48,7 @@ impl PodNetwork {
     /// leaves nothing made: the tap is closed (so gone) and the veth's qdisc deleted.
     pub fn setup(netns_path: &Path) -> Result<PodNetwork, NetworkError> {
         let netns = Netns::open(netns_path)?;
-        let (veth, tap, config) = netns.run(|runtime, handle| {
+        let (veth, tap, tap_index, config) = netns.run(|runtime, handle| {
             let ctx = &netns.ctx;
             let (veth, config) = runtime.block_on(async {
                 let veth = read::find_veth(&handle, ctx, TAP_NAME).await?;
@@ -61,17 +62,16 @@ impl PodNetwork {
                 Ok((veth, config))
             })?;
             let tap = tap::open(TAP_NAME).map_err(ctx.at(format!("creating tap {TAP_NAME} on /dev/net/tun")))?;
-            let mut veth_qdisc = false;
-            let redirected = runtime.block_on(redirect(&handle, ctx, &veth, &mut veth_qdisc));
-            if let Err(e) = redirected {
-                if veth_qdisc {
-                    if let Err(undo) = runtime.block_on(tc::delete_ingress(&handle, ctx, &veth.name, veth.index)) {
+            let mut made = Made::default();
+            match runtime.block_on(redirect(&handle, ctx, &veth, &mut made)) {
+                Ok(tap_index) => Ok((veth, tap, tap_index, config)),
+                Err(e) => {
+                    if let Err(undo) = runtime.block_on(undo(&handle, ctx, &veth, &made)) {
                         log::error!("undoing a failed pod network setup: {undo}");
                     }
+                    Err(e)
                 }
-                return Err(e);
             }
-            Ok((veth, tap, config))
         })?;
         let i = &config.interface;
         let addresses: Vec<String> = i.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect();
@@ -86,7 +86,7 @@ impl PodNetwork {
             config.routes.len(),
             config.neighbors.len()
         );
-        Ok(PodNetwork { netns, veth, tap: Some(tap), config })
+        Ok(PodNetwork { netns, veth, tap: Some(tap), tap_index, config })
     }
 
     /// The tap's descriptor (close-on-exec in the shim; the VMM's spawn clears that flag in
@@ -104,27 +104,17 @@ impl PodNetwork {
         &self.netns.ctx.netns
     }
 
-    /// Deletes the veth's ingress qdisc (with its filter) if the veth is still there, and
-    /// closes the tap, which removes it once the VMM's copy is closed too. Once.
+    /// Deletes the tap and the veth's ingress qdisc (with its filter) if the veth is still
+    /// there, and closes the tap's descriptor. Once.
     pub fn teardown(&mut self) -> Result<(), NetworkError> {
         let Some(tap) = self.tap.take() else { return Ok(()) };
         let veth = &self.veth;
-        let result = self.netns.run(|runtime, handle| {
-            runtime.block_on(async {
-                // The index is checked by name: after CNI deleted the veth, another
-                // interface could have its index.
-                match tc::name_of(&handle, veth.index).await {
-                    Some(name) if name == veth.name => {
-                        tc::delete_ingress(&handle, &self.netns.ctx, &veth.name, veth.index).await
-                    }
-                    _ => Ok(()),
-                }
-            })
-        });
+        let made = Made { tap_index: Some(self.tap_index), veth_qdisc: true };
+        let result = self.netns.run(|runtime, handle| runtime.block_on(undo(&handle, &self.netns.ctx, veth, &made)));
         drop(tap);
         if result.is_ok() {
             log::info!(
-                "pod network {}: ingress qdisc on {} removed, {TAP_NAME} closed",
+                "pod network {}: {TAP_NAME} and the ingress qdisc on {} removed",
                 self.netns.ctx.netns.display(),
                 veth.name
             );
@@ -141,24 +131,46 @@ impl Drop for PodNetwork {
     }
 }
 
+/// What setup made so far, for undoing it (the tap's qdisc and filter go with the tap).
+#[derive(Default)]
+struct Made {
+    tap_index: Option<u32>,
+    veth_qdisc: bool,
+}
+
 /// Step 2 and 3 after the tap exists: the tap up with the veth's MTU, both ingress qdiscs,
-/// both redirects. `veth_qdisc` records whether the veth's qdisc was added (the tap's goes
-/// with the tap).
+/// both redirects; the tap's index.
 async fn redirect(
     handle: &rtnetlink::Handle,
     ctx: &error::Context,
     veth: &Veth,
-    veth_qdisc: &mut bool,
-) -> Result<(), NetworkError> {
+    made: &mut Made,
+) -> Result<u32, NetworkError> {
     let tap_index = tc::index_of(handle, ctx, TAP_NAME)
         .await?
         .ok_or_else(|| ctx.error(format!("finding tap {TAP_NAME}"), "not there after TUNSETIFF"))?;
+    made.tap_index = Some(tap_index);
     tc::tap_up(handle, ctx, TAP_NAME, tap_index, veth.mtu).await?;
     tc::add_ingress(handle, ctx, &veth.name, veth.index).await?;
-    *veth_qdisc = true;
+    made.veth_qdisc = true;
     tc::add_ingress(handle, ctx, TAP_NAME, tap_index).await?;
     tc::redirect(handle, ctx, (&veth.name, veth.index), (TAP_NAME, tap_index)).await?;
-    tc::redirect(handle, ctx, (TAP_NAME, tap_index), (&veth.name, veth.index)).await
+    tc::redirect(handle, ctx, (TAP_NAME, tap_index), (&veth.name, veth.index)).await?;
+    Ok(tap_index)
+}
+
+/// Removes what `made` says was made. Each interface is checked by index and name first:
+/// after CNI deleted the veth, another interface could have its index.
+async fn undo(handle: &rtnetlink::Handle, ctx: &error::Context, veth: &Veth, made: &Made) -> Result<(), NetworkError> {
+    if let Some(index) = made.tap_index {
+        if tc::name_of(handle, index).await.as_deref() == Some(TAP_NAME) {
+            tc::delete_link(handle, ctx, TAP_NAME, index).await?;
+        }
+    }
+    if made.veth_qdisc && tc::name_of(handle, veth.index).await.as_deref() == Some(veth.name.as_str()) {
+        tc::delete_ingress(handle, ctx, &veth.name, veth.index).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -42,6 +42,17 @@ pub async fn tap_up(handle: &Handle, ctx: &Context, tap: &str, index: u32, mtu: 
         .map_err(ctx.at(format!("setting {tap} (index {index}) up with MTU {mtu}")))
 }
 
+/// Deletes interface `name` (the tap: deleting it here, rather than leaving it to the
+/// last close of its descriptor, makes its end not depend on a descriptor that a child
+/// forked meanwhile by another thread holds until its exec). One already gone is no error.
+pub async fn delete_link(handle: &Handle, ctx: &Context, name: &str, index: u32) -> Result<(), NetworkError> {
+    match handle.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+        Err(e) => Err(ctx.error(format!("deleting {name} (index {index})"), e)),
+    }
+}
+
 /// Adds the ingress qdisc on `name` (`tc qdisc add dev NAME ingress`).
 pub async fn add_ingress(handle: &Handle, ctx: &Context, name: &str, index: u32) -> Result<(), NetworkError> {
     handle
