@@ -98,6 +98,10 @@ impl Sandbox {
         network: Option<PodNetwork>,
         on_vmm_exit: Box<dyn FnOnce(ExitStatus) + Send>,
     ) -> Result<Sandbox, SandboxError> {
+        if let Some(network) = &network {
+            std::fs::write(&paths.network, network.record())
+                .map_err(|source| SandboxError::Dir { path: paths.network.clone(), source })?;
+        }
         let sandbox = Sandbox::boot_with(config, id, size, paths, network.as_ref(), on_vmm_exit)?;
         *sandbox.network.lock().unwrap_or_else(|e| e.into_inner()) = network;
         Ok(sandbox)
@@ -321,6 +325,12 @@ pub fn cleanup_after_shim(config: &Config, sandbox_id: &str, container_id: &str)
     if container_id == sandbox_id {
         if vmm::kill_stale(&paths.pid_file, &paths.vsock) {
             log::warn!("sandbox {sandbox_id}: killed a VMM left by a shim that is gone");
+        }
+        if let Ok(record) = std::fs::read_to_string(&paths.network) {
+            match network::remove_stale(&record) {
+                Ok(()) => log::info!("sandbox {sandbox_id}: removed what its pod network left"),
+                Err(e) => log::warn!("sandbox {sandbox_id}: {e}"),
+            }
         }
         Ok(remove_dir(&paths.dir)?)
     } else {

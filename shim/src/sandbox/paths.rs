@@ -20,6 +20,9 @@ pub struct SandboxPaths {
     pub vmm_log: PathBuf,
     pub pid_file: PathBuf,
     pub vsock: PathBuf,
+    /// What the pod network left in its namespace (`network::PodNetwork::record`), so a
+    /// `delete` after a killed shim can remove it.
+    pub network: PathBuf,
 }
 
 impl SandboxPaths {
@@ -31,6 +34,7 @@ impl SandboxPaths {
             vmm_log: dir.join("vmm.log"),
             pid_file: dir.join("vmm.pid"),
             vsock: dir.join("vsock.sock"),
+            network: dir.join("network"),
             dir,
         }
     }

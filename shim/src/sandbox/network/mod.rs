@@ -104,6 +104,12 @@ impl PodNetwork {
         &self.netns.ctx.netns
     }
 
+    /// One line naming what this network left in the namespace, for [`remove_stale`] after
+    /// a shim that was killed: the namespace's path, the veth's name and index.
+    pub fn record(&self) -> String {
+        format!("{}\t{}\t{}\n", self.netns.ctx.netns.display(), self.veth.name, self.veth.index)
+    }
+
     /// Deletes the tap and the veth's ingress qdisc (with its filter) if the veth is still
     /// there, and closes the tap's descriptor. Once.
     pub fn teardown(&mut self) -> Result<(), NetworkError> {
@@ -121,6 +127,32 @@ impl PodNetwork {
         }
         result
     }
+}
+
+/// Removes what a pod network of a shim that is gone left (its [`PodNetwork::record`]): the
+/// tap, if a VMM kept it, and the veth's ingress qdisc, while the namespace exists. A
+/// namespace that is gone (containerd removed it) leaves nothing to do.
+pub fn remove_stale(record: &str) -> Result<(), NetworkError> {
+    let fields: Vec<&str> = record.trim_end_matches('\n').split('\t').collect();
+    let (netns_path, name, index) = match fields[..] {
+        [path, name, index] => (Path::new(path), name, index.parse::<u32>().ok()),
+        _ => (Path::new(""), "", None),
+    };
+    let Some(index) = index else {
+        return Err(error::Context::new(Path::new("?")).error("reading the record", format!("{record:?}")));
+    };
+    let netns = match Netns::open(netns_path) {
+        Ok(netns) => netns,
+        Err(_) if !netns_path.exists() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let veth = Veth { index, name: name.to_string(), mac: [0; 6], mtu: 0 };
+    netns.run(|runtime, handle| {
+        runtime.block_on(async {
+            let tap_index = tc::index_of(&handle, &netns.ctx, TAP_NAME).await?;
+            undo(&handle, &netns.ctx, &veth, &Made { tap_index, veth_qdisc: true }).await
+        })
+    })
 }
 
 impl Drop for PodNetwork {

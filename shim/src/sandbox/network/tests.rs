@@ -210,6 +210,25 @@ fn setup_reads_cnis_network_and_redirects_both_ways_and_teardown_leaves_nothing(
     network.teardown().expect("a second teardown does nothing");
 }
 
+/// A killed shim's record: the tap a surviving VMM kept and the veth's qdisc are removed.
+#[test]
+fn a_stale_record_removes_what_a_killed_shim_left() {
+    let netns = TestNetns::cni("d");
+    let mut network = PodNetwork::setup(&netns.path()).expect("setup");
+    let record = network.record();
+    assert_eq!(record, format!("{}\teth0\t{}\n", netns.path().display(), network.veth.index));
+    // What the kill leaves: the qdisc and filters, and the tap while a copy of its descriptor
+    // lives (here: the one taken out of `network`, which then has nothing to tear down).
+    let tap = network.tap.take().expect("tap");
+    remove_stale(&record).expect("removed");
+    assert!(!netns.has_tap());
+    assert!(!tc(&netns.name, &["qdisc", "show", "dev", "eth0"]).contains("ingress"));
+    drop(tap);
+    assert!(remove_stale("garbage").expect_err("unreadable").to_string().contains("garbage"));
+    let gone = record.replace(&netns.name, "nestbox-test-gone");
+    remove_stale(&gone).expect("a namespace that is gone leaves nothing to do");
+}
+
 #[test]
 fn teardown_after_the_veth_went_only_closes_the_tap() {
     let netns = TestNetns::cni("b");
