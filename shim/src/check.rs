@@ -119,6 +119,21 @@ fn check_filesystems() -> Finding {
     }
 }
 
+/// The pod network's tap is made on /dev/net/tun (`sandbox/network`).
+fn check_tun() -> Finding {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun") {
+        Ok(_) => finding("/dev/net/tun", Outcome::Ok, "usable (a CRI pod's network reaches its VM through a tap)"),
+        Err(e) => finding(
+            "/dev/net/tun",
+            Outcome::Warn,
+            format!(
+                "cannot open /dev/net/tun read-write ({e}): CRI pods with a CNI network fail to start \
+                 (`ctr run` containers do not need it); load the tun module"
+            ),
+        ),
+    }
+}
+
 fn check_root() -> Finding {
     // SAFETY: geteuid has no failure mode and touches no memory.
     if unsafe { libc::geteuid() } == 0 {
@@ -148,6 +163,7 @@ pub fn run(config: Result<Config, crate::config::ConfigError>) -> Vec<Finding> {
         Err(e) => findings.push(finding("configuration", Outcome::Fail, e.to_string())),
     }
     findings.push(check_filesystems());
+    findings.push(check_tun());
     findings.push(check_containerd());
     findings.push(check_shim_on_path());
     findings
@@ -164,6 +180,13 @@ mod tests {
         let config = findings.iter().find(|f| f.what == "configuration").expect("configuration finding");
         assert_eq!(config.outcome, Outcome::Fail);
         assert!(config.detail.contains("hypervisor.vcpus"), "{}", config.detail);
+    }
+
+    #[test]
+    fn the_tun_device_is_checked() {
+        let tun = run(Config::parse("", None)).into_iter().find(|f| f.what == "/dev/net/tun").expect("tun finding");
+        // This host has the tun module (the pod network tests need it too).
+        assert_eq!(tun.outcome, Outcome::Ok, "{}", tun.detail);
     }
 
     #[test]
