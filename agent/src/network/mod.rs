@@ -7,12 +7,13 @@
 //! socket, `socket`): the agent's calls are synchronous threads and it has no async
 //! runtime, which rtnetlink's crate would bring (tokio) for a few requests per pod.
 //!
-//! Layers, one way: `request` (checks, typed values) and `socket` (the netlink client),
-//! then `rtnl` (the requests), `device` (which interface), `interface` and `routes` (the
+//! Layers, one way: `request` (checks, typed values), `message` (the four rtnetlink
+//! message kinds used) and `socket` (the netlink client), then `rtnl` (the requests), `device` (which interface), `interface` and `routes` (the
 //! calls); this module holds the lock and the entry points.
 
 mod device;
 mod interface;
+mod message;
 mod request;
 mod routes;
 mod rtnl;

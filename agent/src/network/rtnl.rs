@@ -15,8 +15,9 @@ use netlink_packet_route::neighbour::{
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_packet_route::AddressFamily;
 
+use super::message::*;
 use super::request::{IpNet, NeighbourSpec};
 use super::socket::Netlink;
 
@@ -52,11 +53,11 @@ fn link(m: LinkMessage) -> Link {
 }
 
 pub fn links(nl: &mut Netlink) -> io::Result<Vec<Link>> {
-    let answer = nl.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+    let answer = nl.dump(Message::new(RTM_GETLINK, Body::Link(LinkMessage::default())))?;
     Ok(answer
         .into_iter()
         .filter_map(|m| match m {
-            RouteNetlinkMessage::NewLink(m) => Some(link(m)),
+            Message { body: Body::Link(m), .. } => Some(link(m)),
             _ => None,
         })
         .collect())
@@ -66,11 +67,11 @@ pub fn links(nl: &mut Netlink) -> io::Result<Vec<Link>> {
 pub fn link_by_name(nl: &mut Netlink, name: &str) -> io::Result<Option<Link>> {
     let mut m = LinkMessage::default();
     m.attributes.push(LinkAttribute::IfName(name.to_string()));
-    match nl.request(RouteNetlinkMessage::GetLink(m), 0) {
+    match nl.request(Message::new(RTM_GETLINK, Body::Link(m)), 0) {
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(e),
         Ok(answer) => Ok(answer.into_iter().find_map(|m| match m {
-            RouteNetlinkMessage::NewLink(m) => Some(link(m)),
+            Message { body: Body::Link(m), .. } => Some(link(m)),
             _ => None,
         })),
     }
@@ -84,7 +85,7 @@ fn set_link(nl: &mut Netlink, index: u32, attributes: Vec<LinkAttribute>, up: Op
         m.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
     }
     m.attributes = attributes;
-    nl.request(RouteNetlinkMessage::SetLink(m), 0).map(drop)
+    nl.request(Message::new(RTM_SETLINK, Body::Link(m)), 0).map(drop)
 }
 
 pub fn set_up(nl: &mut Netlink, index: u32, up: bool) -> io::Result<()> {
@@ -118,10 +119,10 @@ fn family(addr: &IpAddr) -> AddressFamily {
 
 /// The addresses of interface `index`.
 pub fn addresses(nl: &mut Netlink, index: u32) -> io::Result<Vec<IpNet>> {
-    let answer = nl.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?;
+    let answer = nl.dump(Message::new(RTM_GETADDR, Body::Address(AddressMessage::default())))?;
     let mut out = Vec::new();
     for m in answer {
-        let RouteNetlinkMessage::NewAddress(m) = m else { continue };
+        let Message { body: Body::Address(m), .. } = m else { continue };
         if m.header.index != index {
             continue;
         }
@@ -162,11 +163,11 @@ pub fn add_address(nl: &mut Netlink, index: u32, net: &IpNet) -> io::Result<()> 
     if net.addr.is_ipv6() {
         m.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
     }
-    nl.request(RouteNetlinkMessage::NewAddress(m), NLM_F_CREATE | NLM_F_REPLACE).map(drop)
+    nl.request(Message::new(RTM_NEWADDR, Body::Address(m)), NLM_F_CREATE | NLM_F_REPLACE).map(drop)
 }
 
 pub fn del_address(nl: &mut Netlink, index: u32, net: &IpNet) -> io::Result<()> {
-    nl.request(RouteNetlinkMessage::DelAddress(address_message(index, net)), 0).map(drop)
+    nl.request(Message::new(RTM_DELADDR, Body::Address(address_message(index, net))), 0).map(drop)
 }
 
 /// A route of the main table as the kernel reports it.
@@ -234,11 +235,11 @@ fn route(m: RouteMessage) -> Option<Route> {
 
 /// The routes of the main table, both families.
 pub fn routes(nl: &mut Netlink) -> io::Result<Vec<Route>> {
-    let answer = nl.dump(RouteNetlinkMessage::GetRoute(RouteMessage::default()))?;
+    let answer = nl.dump(Message::new(RTM_GETROUTE, Body::Route(RouteMessage::default())))?;
     Ok(answer
         .into_iter()
         .filter_map(|m| match m {
-            RouteNetlinkMessage::NewRoute(m) => route(m),
+            Message { body: Body::Route(m), .. } => route(m),
             _ => None,
         })
         .collect())
@@ -280,11 +281,11 @@ pub fn add_route(nl: &mut Netlink, r: &NewRoute) -> io::Result<()> {
     if let Some(src) = r.source {
         m.attributes.push(RouteAttribute::PrefSource(route_address(src)));
     }
-    nl.request(RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE).map(drop)
+    nl.request(Message::new(RTM_NEWROUTE, Body::Route(m)), NLM_F_CREATE | NLM_F_REPLACE).map(drop)
 }
 
 pub fn del_route(nl: &mut Netlink, r: &Route) -> io::Result<()> {
-    nl.request(RouteNetlinkMessage::DelRoute(r.message.clone()), 0).map(drop)
+    nl.request(Message::new(RTM_DELROUTE, Body::Route(r.message.clone())), 0).map(drop)
 }
 
 /// Adds (or replaces) a static neighbour entry on interface `index`.
@@ -301,5 +302,5 @@ pub fn add_neighbour(nl: &mut Netlink, index: u32, n: &NeighbourSpec) -> io::Res
     };
     m.attributes.push(NeighbourAttribute::Destination(to));
     m.attributes.push(NeighbourAttribute::LinkLayerAddress(n.mac.0.to_vec()));
-    nl.request(RouteNetlinkMessage::NewNeighbour(m), NLM_F_CREATE | NLM_F_REPLACE).map(drop)
+    nl.request(Message::new(RTM_NEWNEIGH, Body::Neighbour(m)), NLM_F_CREATE | NLM_F_REPLACE).map(drop)
 }

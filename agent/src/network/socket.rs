@@ -12,9 +12,10 @@ use std::time::Duration;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
-use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use nix::sys::time::TimeValLike;
+
+use super::message::Message;
 
 /// The kernel answers a request at once (it is handled in the sending system call); a
 /// missing answer would be a kernel bug, but a call stuck forever would hold the network
@@ -60,14 +61,14 @@ impl Netlink {
     }
 
     /// Sends a request, and returns the messages of its answer until the acknowledgement.
-    pub fn request(&mut self, message: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
+    pub fn request(&mut self, message: Message, flags: u16) -> io::Result<Vec<Message>> {
         self.send(message, NLM_F_REQUEST | NLM_F_ACK | flags)
     }
 
     /// Sends a dump request, and returns every message of the dump. A dump the table's
     /// changes interrupted (by the kernel's own updates: DAD, a link coming up) is asked
     /// again, a few times.
-    pub fn dump(&mut self, message: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+    pub fn dump(&mut self, message: Message) -> io::Result<Vec<Message>> {
         let mut tries = 0;
         loop {
             match self.send(message.clone(), NLM_F_REQUEST | NLM_F_DUMP) {
@@ -77,7 +78,7 @@ impl Netlink {
         }
     }
 
-    fn send(&mut self, message: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
+    fn send(&mut self, message: Message, flags: u16) -> io::Result<Vec<Message>> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags;
@@ -93,7 +94,7 @@ impl Netlink {
     /// Reads the answer to request `seq`: messages until NLMSG_DONE (a dump) or an
     /// NLMSG_ERROR (0: the acknowledgement, else the request's errno). Answers to other
     /// sequence numbers (none are expected: one request at a time) are skipped.
-    fn receive(&mut self, seq: u32) -> io::Result<Vec<RouteNetlinkMessage>> {
+    fn receive(&mut self, seq: u32) -> io::Result<Vec<Message>> {
         let mut messages = Vec::new();
         loop {
             let n = self
@@ -105,7 +106,7 @@ impl Netlink {
             }
             let mut offset = 0;
             while offset < n {
-                let packet = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[offset..n]).map_err(|e| {
+                let packet = NetlinkMessage::<Message>::deserialize(&self.buf[offset..n]).map_err(|e| {
                     io::Error::new(io::ErrorKind::InvalidData, format!("decoding a netlink answer: {e}"))
                 })?;
                 let len = packet.header.length as usize;
