@@ -103,6 +103,10 @@ impl Sandbox {
                 .map_err(|source| SandboxError::Dir { path: paths.network.clone(), source })?;
         }
         let sandbox = Sandbox::boot_with(config, id, size, paths, network.as_ref(), on_vmm_exit)?;
+        let mut network = network;
+        if let Some(network) = network.as_mut() {
+            network.forward_ports(id, &sandbox.paths.vsock);
+        }
         *sandbox.network.lock().unwrap_or_else(|e| e.into_inner()) = network;
         Ok(sandbox)
     }

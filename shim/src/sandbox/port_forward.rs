@@ -16,7 +16,7 @@
 use nestbox_protocols::port_forward::{self as proto, MAX_LINE_LEN};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,10 +36,11 @@ pub enum PortForwardError {
     Setup { pod: String, step: &'static str, reason: String },
 }
 
-/// The pod's forwarder; dropping it stops accepting (the namespace's rule goes with the
-/// namespace, which containerd deletes after the pod).
+/// The pod's forwarder; dropping it stops accepting and deletes its rule.
 pub struct PortForwarder {
     listener: Arc<TcpListener>,
+    netns: OwnedFd,
+    port: u16,
 }
 
 impl Drop for PortForwarder {
@@ -47,6 +48,14 @@ impl Drop for PortForwarder {
         // Ends the accept loop: accept(2) on a listener shut down for reading fails.
         // SAFETY: shutdown on a descriptor the Arc keeps open.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let deleted = std::thread::scope(|s| {
+            s.spawn(|| in_netns(self.netns.as_fd(), || iptables("-D", self.port)))
+                .join()
+                .unwrap_or_else(|_| Err(("deleting the REDIRECT rule", "the thread panicked".to_string())))
+        });
+        if let Err((step, reason)) = deleted {
+            log::warn!("port forwarding: {step}: {reason}");
+        }
     }
 }
 
@@ -57,42 +66,59 @@ pub fn start(pod: &str, netns: BorrowedFd<'_>, vsock_socket: &Path) -> Result<Po
         let pod = pod.to_string();
         move |reason: String| PortForwardError::Setup { pod, step, reason }
     };
+    let netns = netns.try_clone_to_owned().map_err(|e| fail("holding the network namespace")(e.to_string()))?;
     let listener = std::thread::scope(|s| {
-        s.spawn(|| listen_in(netns))
+        s.spawn(|| in_netns(netns.as_fd(), listen))
             .join()
             .unwrap_or_else(|_| Err(("entering the pod's network namespace", "the thread panicked".to_string())))
     })
     .map_err(|(step, reason)| fail(step)(reason))?;
+    let port = listener.local_addr().map_err(|e| fail("reading the listener's port")(e.to_string()))?.port();
     let listener = Arc::new(listener);
-    let (accepting, socket, pod_id) = (listener.clone(), vsock_socket.to_path_buf(), pod.to_string());
+    let forwarder = PortForwarder { listener: listener.clone(), netns, port };
+    let (socket, pod_id) = (vsock_socket.to_path_buf(), pod.to_string());
     std::thread::Builder::new()
         .name("port-forward".into())
-        .spawn(move || accept_loop(&accepting, &socket, &pod_id))
+        .spawn(move || accept_loop(&listener, &socket, &pod_id))
         .map_err(|e| fail("starting the accept thread")(e.to_string()))?;
-    Ok(PortForwarder { listener })
+    Ok(forwarder)
 }
 
-/// On a thread of its own: enters `netns`, binds the listener there and adds the REDIRECT
-/// rule (iptables runs as a child of this thread, so in the same namespace).
-fn listen_in(netns: BorrowedFd<'_>) -> Result<TcpListener, (&'static str, String)> {
-    // SAFETY: setns on a namespace descriptor the caller holds; only this thread moves,
-    // and it ends after this function.
+type StepResult<T> = Result<T, (&'static str, String)>;
+
+/// Runs `f` after entering `netns`; on a thread of its own (the caller's scoped thread),
+/// which ends after: setns(2) moves only the calling thread, and children it spawns (iptables)
+/// start in its namespace.
+fn in_netns<T>(netns: BorrowedFd<'_>, f: impl FnOnce() -> StepResult<T>) -> StepResult<T> {
+    // SAFETY: setns on a namespace descriptor the caller holds; only this thread moves.
     if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(("entering the pod's network namespace", io::Error::last_os_error().to_string()));
     }
+    f()
+}
+
+/// Binds the listener and adds the REDIRECT rule to it, in the current thread's namespace.
+fn listen() -> StepResult<TcpListener> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| ("listening on 127.0.0.1", e.to_string()))?;
     let port = listener.local_addr().map_err(|e| ("reading the listener's port", e.to_string()))?.port();
+    iptables("-A", port)?;
+    Ok(listener)
+}
+
+/// `iptables -t nat <op> <the rule for port>` (op: -A to add, -D to delete).
+fn iptables(op: &str, port: u16) -> StepResult<()> {
     let rule = redirect_rule(port);
     let out = Command::new("iptables")
-        .args(["-w", "-t", "nat", "-A"])
+        .args(["-w", "-t", "nat", op])
         .args(&rule)
         .output()
         .map_err(|e| ("running iptables (apt-get install iptables)", e.to_string()))?;
     if !out.status.success() {
-        let reason = format!("iptables -t nat -A {}: {}", rule.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        return Err(("adding the REDIRECT rule", reason));
+        let reason =
+            format!("iptables -t nat {op} {}: {}", rule.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        return Err(("changing the REDIRECT rule", reason));
     }
-    Ok(listener)
+    Ok(())
 }
 
 /// Every TCP connection to 127.0.0.1 made in the namespace, but those to the listener's own
@@ -200,7 +226,6 @@ fn original_port(stream: &TcpStream) -> io::Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
     use std::os::unix::net::UnixListener;
 
     /// A network namespace of the test's (`ip netns add`), loopback up, deleted on drop.
@@ -272,7 +297,16 @@ mod tests {
         });
         assert_eq!(&echoed, b"hello");
         assert_eq!(guest.join().expect("fake guest"), "tcp 4242\n", "the guest is asked for the original port");
+        let rules = || {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &netns.0, "iptables", "-t", "nat", "-S", "OUTPUT"])
+                .output()
+                .expect("iptables -S");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert!(rules().contains("REDIRECT"), "the rule is in the pod's namespace: {}", rules());
         drop(forwarder);
+        assert!(!rules().contains("REDIRECT"), "the rule goes with the forwarder: {}", rules());
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct PodNetwork {
     tap: Option<File>,
     tap_index: u32,
     config: NetworkConfig,
+    /// CRI port forwarding into the guest, once the VM is up (`forward_ports`).
+    forwarder: Option<super::port_forward::PortForwarder>,
 }
 
 impl PodNetwork {
@@ -86,7 +88,7 @@ impl PodNetwork {
             config.routes.len(),
             config.neighbors.len()
         );
-        Ok(PodNetwork { netns, veth, tap: Some(tap), tap_index, config })
+        Ok(PodNetwork { netns, veth, tap: Some(tap), tap_index, config, forwarder: None })
     }
 
     /// The tap's descriptor (close-on-exec in the shim; the VMM's spawn clears that flag in
@@ -104,6 +106,16 @@ impl PodNetwork {
         &self.netns.ctx.netns
     }
 
+    /// Starts CRI port forwarding into pod `pod`'s guest, whose VMM serves hybrid vsock on
+    /// `vsock_socket` (see `port_forward`). A pod works without it: a failure is logged
+    /// with its reason, and only PortForward into this pod fails.
+    pub fn forward_ports(&mut self, pod: &str, vsock_socket: &Path) {
+        match super::port_forward::start(pod, self.netns.fd(), vsock_socket) {
+            Ok(forwarder) => self.forwarder = Some(forwarder),
+            Err(e) => log::warn!("{e}; CRI PortForward into this pod will fail"),
+        }
+    }
+
     /// One line naming what this network left in the namespace, for [`remove_stale`] after
     /// a shim that was killed: the namespace's path, the veth's name and index.
     pub fn record(&self) -> String {
@@ -113,6 +125,7 @@ impl PodNetwork {
     /// Deletes the tap and the veth's ingress qdisc (with its filter) if the veth is still
     /// there, and closes the tap's descriptor. Once.
     pub fn teardown(&mut self) -> Result<(), NetworkError> {
+        drop(self.forwarder.take());
         let Some(tap) = self.tap.take() else { return Ok(()) };
         let veth = &self.veth;
         let made = Made { tap_index: Some(self.tap_index), veth_qdisc: true };

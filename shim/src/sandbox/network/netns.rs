@@ -56,6 +56,11 @@ impl Netns {
         Ok(Netns { ctx, file })
     }
 
+    /// The namespace's descriptor, for others that work inside it (port forwarding).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     /// Runs `work` on a new thread that entered this namespace, with a netlink connection
     /// made there (a netlink socket belongs to the namespace of its creator) and the
     /// current-thread tokio runtime that drives it; returns what `work` returned.
