@@ -60,7 +60,8 @@ impl TestNet {
         run(&all)
     }
 
-    /// `ip -j link show NAME` in the test's namespace, None when it is not there.
+    /// `ip -j addr show dev NAME` in the test's namespace (link and addresses), None when it
+    /// is not there.
     fn link(&self, name: &str) -> Option<Value> {
         let out = Command::new("ip").args(["-n", &self.name, "-j", "addr", "show", "dev", name]).output().expect("ip");
         out.status.success().then(|| serde_json::from_slice::<Value>(&out.stdout).expect("ip -j")[0].clone())
