@@ -1,6 +1,7 @@
 //! The saved state of a virtio-mmio transport: its registers and each queue's
-//! configuration. The device behind it keeps nothing of its own across a snapshot (its
-//! connections and sessions end); it is started again from these queues.
+//! configuration. The device behind it is started again from these queues; most keep
+//! nothing of their own across a snapshot (their connections and sessions end), the net
+//! device its MAC and features (`net/persist.rs`).
 
 use super::MmioTransport;
 use serde::{Deserialize, Serialize};

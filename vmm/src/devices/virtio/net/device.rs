@@ -52,10 +52,6 @@ impl NetDevice {
     pub fn handle(&self) -> NetHandle {
         self.handle.clone()
     }
-
-    pub fn is_attached(&self) -> bool {
-        self.backend.is_some()
-    }
 }
 
 impl VirtioDevice for NetDevice {
