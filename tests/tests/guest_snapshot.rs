@@ -153,7 +153,12 @@ fn snapshot_a_booted_guest_and_restore_it_twice() {
 
     // Requests the API does not know are refused; pause and resume round-trip.
     assert!(api(&api_sock, "reboot").starts_with("ERROR unknown request"));
-    assert!(api(&api_sock, "metrics").starts_with("OK net_tx_frames="), "the net device's counters");
+    // The guest's virtio_net driver took the device: it accepted features (VERSION_1,
+    // bit 32, at least) and started it.
+    let metrics = api(&api_sock, "metrics");
+    assert!(metrics.starts_with(&format!("OK net_mac={MAC} net_acked_features=0x")), "{metrics}");
+    let acked = metrics.split_whitespace().find_map(|w| w.strip_prefix("net_acked_features=0x")).unwrap();
+    assert_ne!(u64::from_str_radix(acked, 16).unwrap() & (1 << 32), 0, "{metrics}");
     assert_eq!(api(&api_sock, "pause"), "OK");
     assert_eq!(api(&api_sock, "resume"), "OK");
     let t = Instant::now();

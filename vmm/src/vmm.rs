@@ -193,7 +193,7 @@ impl Vmm {
             Request::Pause => (done(self.pause()), None),
             Request::Resume => (done(self.resume()), None),
             Request::Shutdown => (Ok(String::new()), Some(VmExit::Stopped)),
-            Request::Metrics => (Ok(self.net.as_ref().map(|n| n.metrics.render()).unwrap_or_default()), None),
+            Request::Metrics => (Ok(self.net.as_ref().map(NetHandle::report).unwrap_or_default()), None),
             Request::Snapshot(dir) => {
                 let result = self.snapshot(dir);
                 if result.is_err() {

@@ -166,3 +166,12 @@ pub struct NetHandle {
     pub metrics: std::sync::Arc<NetMetrics>,
     pub acked_features: std::sync::Arc<AtomicU64>,
 }
+
+impl NetHandle {
+    /// The MAC, the features the guest's driver accepted (0 until it started the device)
+    /// and the counters, as `name=value` words.
+    pub fn report(&self) -> String {
+        let acked = self.acked_features.load(Ordering::SeqCst);
+        format!("net_mac={} net_acked_features={acked:#x} {}", self.mac, self.metrics.render())
+    }
+}

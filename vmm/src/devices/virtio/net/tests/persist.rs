@@ -80,6 +80,8 @@ fn device_state_round_trips_and_restores_with_or_without_a_tap() {
     let accepted = VIRTIO_F_VERSION_1 | F_MAC | F_GUEST_CSUM | F_GUEST_TSO4;
     bring_up(&mut t, &g, accepted);
     assert_eq!(*backend.offloads.lock().unwrap(), Some(accepted), "offloads set from what the guest took");
+    let report = handle.report();
+    assert!(report.starts_with("net_mac=02:11:22:33:44:55 net_acked_features=0x1000000a2 net_tx_frames=0"), "{report}");
     send_one(&mut t, &mut g, 1);
     assert_eq!(&wait_frame(&peer)[12..], &frame(60, 1)[..]);
 
