@@ -213,6 +213,7 @@ impl Sandbox {
         let hostname: String = id.chars().take(12).collect();
         self.agent.create_sandbox(id, &hostname)?;
         let Some(network) = network else { return Ok(()) };
+        let configuring = Instant::now();
         self.agent.update_interface(&network.interface)?;
         self.agent.update_routes(&network.routes)?;
         // No permanent neighbours: nothing to add, no call.
@@ -220,12 +221,13 @@ impl Sandbox {
             self.agent.add_arp_neighbors(&network.neighbors)?;
         }
         log::info!(
-            "sandbox {id}: guest network: {} ({}) with {} addresses, {} routes, {} neighbours",
+            "sandbox {id}: guest network: {} ({}) with {} addresses, {} routes, {} neighbours, configured in {:.3} s",
             network.interface.name,
             network.interface.hw_addr,
             network.interface.addresses.len(),
             network.routes.len(),
-            network.neighbors.len()
+            network.neighbors.len(),
+            configuring.elapsed().as_secs_f64()
         );
         Ok(())
     }

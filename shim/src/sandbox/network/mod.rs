@@ -49,6 +49,7 @@ impl PodNetwork {
     /// documentation). A failure names the step, the interface and the namespace, and
     /// leaves nothing made: the tap is closed (so gone) and the veth's qdisc deleted.
     pub fn setup(netns_path: &Path) -> Result<PodNetwork, NetworkError> {
+        let started = std::time::Instant::now();
         let netns = Netns::open(netns_path)?;
         let (veth, tap, tap_index, config) = netns.run(|runtime, handle| {
             let ctx = &netns.ctx;
@@ -79,14 +80,15 @@ impl PodNetwork {
         let addresses: Vec<String> = i.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect();
         log::info!(
             "pod network {}: {} ({}, MTU {}, addresses [{}]), {} routes, {} permanent neighbours; \
-             {TAP_NAME} redirected to and from it by tc (ingress, u32 match-all, mirred)",
+             {TAP_NAME} redirected to and from it by tc (ingress, u32 match-all, mirred); set up in {:.1} ms",
             netns_path.display(),
             veth.name,
             i.hw_addr,
             i.mtu,
             addresses.join(", "),
             config.routes.len(),
-            config.neighbors.len()
+            config.neighbors.len(),
+            started.elapsed().as_secs_f64() * 1000.0
         );
         Ok(PodNetwork { netns, veth, tap: Some(tap), tap_index, config, forwarder: None })
     }
