@@ -98,6 +98,7 @@ impl Serving {
     pub fn wait_for_shutdown(self) {
         // Cannot fail: `self` holds a sender.
         let _ = self.shutdown_rx.recv();
+        let asked = std::time::Instant::now();
         self.oom.close();
         let (done_tx, done_rx) = mpsc::channel();
         let server = self.server;
@@ -107,7 +108,10 @@ impl Serving {
         });
         match drained {
             Ok(_) => {
-                if done_rx.recv_timeout(DRAIN_BOUND).is_err() {
+                if done_rx.recv_timeout(DRAIN_BOUND).is_ok() {
+                    // Logged: how long a VM stop spends here (the guest's share of it).
+                    eprintln!("nestbox-agent: shutdown: calls drained in {:?}", asked.elapsed());
+                } else {
                     eprintln!(
                         "nestbox-agent: {BOUND_WARNING}: calls on {} still running {DRAIN_BOUND:?} after the \
                          shutdown (the long polls ended); ending anyway",
