@@ -170,7 +170,7 @@ impl AgentService for AgentRpc {
         let iface =
             req.interface.as_ref().ok_or_else(|| crate::error::invalid("UpdateInterface without an interface"))?;
         let pod = self.sandbox.pod_namespaces();
-        Ok(crate::network::update_interface(pod.as_ref().map(|p| p.net()), iface)?)
+        Ok(crate::network::update_interface(pod.as_ref().map(|p| p.net()), iface, self.init_daemon)?)
     }
 
     fn update_routes(&self, _ctx: &TtrpcContext, req: agent::UpdateRoutesRequest) -> ttrpc::Result<types::Routes> {

@@ -69,7 +69,7 @@ fn ctx() -> ttrpc::context::Context {
 }
 
 #[test]
-fn check_version_unimplemented_and_shutdown() {
+fn check_version_a_refused_call_and_shutdown() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut agent = Agent::start(dir.path());
     let client = agent.client();
@@ -93,10 +93,10 @@ fn check_version_unimplemented_and_shutdown() {
         }
     });
 
-    let err = client.update_routes(ctx(), &agent::UpdateRoutesRequest::new()).expect_err("not there yet");
+    let err = client.update_routes(ctx(), &agent::UpdateRoutesRequest::new()).expect_err("no sandbox yet");
     let ttrpc::Error::RpcStatus(status) = err else { panic!("expected an RPC status, got {err:?}") };
-    assert_eq!(status.code(), ttrpc::Code::UNIMPLEMENTED);
-    assert_eq!(status.message(), "UpdateRoutes is not implemented yet");
+    assert_eq!(status.code(), ttrpc::Code::FAILED_PRECONDITION);
+    assert!(status.message().contains("UpdateRoutes: no sandbox yet"), "{}", status.message());
     // An empty CreateContainer is a clear error, not a crash.
     let err = client.create_container(ctx(), &agent::CreateContainerRequest::new()).expect_err("empty request");
     let ttrpc::Error::RpcStatus(status) = err else { panic!("expected an RPC status, got {err:?}") };
@@ -110,25 +110,54 @@ fn check_version_unimplemented_and_shutdown() {
     assert!(!agent.socket.exists(), "{} left behind", agent.socket.display());
 }
 
-/// Every call that is not implemented yet (the network ones) says so, by name and with
-/// UNIMPLEMENTED.
+fn refused(result: ttrpc::Result<()>, want: ttrpc::Code, text: &str) {
+    match result.expect_err(text) {
+        ttrpc::Error::RpcStatus(s) => {
+            assert_eq!(s.code(), want, "{}", s.message());
+            assert!(s.message().contains(text), "{:?} lacks {text:?}", s.message());
+        }
+        other => panic!("{text}: expected an RPC status, got {other:?}"),
+    }
+}
+
+fn host_routes() -> String {
+    let out = Command::new("ip").args(["route", "show", "table", "all"]).output().expect("ip route");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The network calls work in the pod's network namespace only: before CreateSandbox they
+/// refuse, and a host-mode agent (this one, in the host's namespace) does not look for the
+/// guest's virtio_net interface, which would be the host's own card; the host's routes stay
+/// as they were.
 #[test]
-fn every_unimplemented_call_names_itself() {
+fn network_calls_refuse_before_a_sandbox_and_in_the_hosts_namespace() {
     let dir = tempfile::tempdir().expect("tempdir");
     let agent = Agent::start(dir.path());
     let c = agent.client();
-    for (name, result) in [
-        ("UpdateInterface", c.update_interface(ctx(), &Default::default()).map(drop)),
-        ("UpdateRoutes", c.update_routes(ctx(), &Default::default()).map(drop)),
-    ] {
-        match result.expect_err("an unimplemented call succeeded") {
-            ttrpc::Error::RpcStatus(s) => {
-                assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED, "{name}");
-                assert_eq!(s.message(), format!("{name} is not implemented yet"));
-            }
-            other => panic!("{name}: expected an RPC status, got {other:?}"),
-        }
-    }
+    let routes_before = host_routes();
+    let iface =
+        nestbox_protocols::types::Interface { name: "eth0".into(), device: "nbt-none".into(), ..Default::default() };
+    let req = agent::UpdateInterfaceRequest { interface: Some(iface).into(), ..Default::default() };
+    let no_sandbox = ttrpc::Code::FAILED_PRECONDITION;
+    refused(c.update_interface(ctx(), &req).map(drop), no_sandbox, "UpdateInterface: no sandbox yet");
+    refused(c.update_routes(ctx(), &Default::default()).map(drop), no_sandbox, "UpdateRoutes: no sandbox yet");
+    refused(c.add_arp_neighbors(ctx(), &Default::default()).map(drop), no_sandbox, "AddArpNeighbors: no sandbox yet");
+    let empty = agent::UpdateInterfaceRequest::default();
+    refused(c.update_interface(ctx(), &empty).map(drop), ttrpc::Code::INVALID_ARGUMENT, "without an interface");
+
+    let sandbox = agent::CreateSandboxRequest { sandbox_id: "pod".into(), ..Default::default() };
+    c.create_sandbox(ctx(), &sandbox).expect("CreateSandbox");
+    let mut unnamed = req.clone();
+    unnamed.interface.as_mut().expect("set").device.clear();
+    refused(
+        c.update_interface(ctx(), &unnamed).map(drop),
+        ttrpc::Code::FAILED_PRECONDITION,
+        "host mode: name the interface",
+    );
+    // The pod's table: nothing of the host's, and emptying it leaves the host's alone.
+    let pod_routes = c.update_routes(ctx(), &Default::default()).expect("UpdateRoutes in the pod");
+    assert!(pod_routes.routes.is_empty(), "the pod's new namespace has only its loopback: {pod_routes:?}");
+    assert_eq!(host_routes(), routes_before, "the host's routes are untouched");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use crate::error::AgentError;
 pub enum Found {
     /// In the agent's namespace: it is to be moved into the pod's.
     Agent(Link),
-    /// Already in the namespace it is configured in.
+    /// Already in the pod's namespace (an earlier call moved it).
     InPlace(Link),
 }
 
@@ -76,18 +76,10 @@ fn in_agent_namespace(agent: &mut Netlink, device: Option<&str>) -> Result<Resul
     })
 }
 
-/// Finds the interface to configure. `pod` is the pod's namespace's socket, None when
-/// the interface stays in the agent's namespace (no sandbox yet).
-pub fn find(
-    agent: &mut Netlink,
-    pod: Option<&mut Netlink>,
-    device: Option<&str>,
-    name: &str,
-) -> Result<Found, AgentError> {
+/// Finds the interface to configure: in the agent's namespace (`agent`), else already in
+/// the pod's (`pod`).
+pub fn find(agent: &mut Netlink, pod: &mut Netlink, device: Option<&str>, name: &str) -> Result<Found, AgentError> {
     let here = in_agent_namespace(agent, device)?;
-    let Some(pod) = pod else {
-        return here.map(Found::InPlace).map_err(AgentError::NotFound);
-    };
     let there = lookup(pod, name, "the pod's network namespace")?;
     match (here, there) {
         (Ok(link), None) => Ok(Found::Agent(link)),

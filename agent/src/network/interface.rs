@@ -108,30 +108,23 @@ fn read_back(nl: &mut Netlink, name: &str) -> Result<types::Interface, AgentErro
     })
 }
 
-/// Configures the interface `spec` names in the pod's namespace `netns` (None: no sandbox
-/// yet, the interface is configured where it is).
-pub fn update(spec: &InterfaceSpec, netns: Option<BorrowedFd<'_>>) -> Result<types::Interface, AgentError> {
+/// Configures the interface `spec` names in the pod's namespace `netns`.
+pub fn update(spec: &InterfaceSpec, netns: BorrowedFd<'_>) -> Result<types::Interface, AgentError> {
     let open = |r: std::io::Result<Netlink>, which: &str| r.map_err(|e| AgentError::internal(which, e));
     let mut agent = open(Netlink::open(), "netlink in the agent's network namespace")?;
-    let mut pod = match netns {
-        Some(ns) => Some(open(Netlink::open_in(ns), "netlink in the pod's network namespace")?),
-        None => None,
-    };
-    let found = device::find(&mut agent, pod.as_mut(), spec.device.as_deref(), &spec.name)?;
-    let link = match &found {
-        Found::Agent(link) | Found::InPlace(link) => link,
-    };
-    check_fits(spec, link)?;
-    let (nl, link) = match (found, pod.as_mut(), netns) {
-        (Found::Agent(link), Some(pod), Some(ns)) => {
-            let moved = move_into_pod(&mut agent, pod, ns, &link)?;
-            (pod, moved)
+    let mut pod = open(Netlink::open_in(netns), "netlink in the pod's network namespace")?;
+    let link = match device::find(&mut agent, &mut pod, spec.device.as_deref(), &spec.name)? {
+        Found::Agent(link) => {
+            check_fits(spec, &link)?;
+            move_into_pod(&mut agent, &mut pod, netns, &link)?
         }
-        (Found::InPlace(link), Some(pod), _) => (pod, link),
-        (Found::Agent(link) | Found::InPlace(link), _, _) => (&mut agent, link),
+        Found::InPlace(link) => {
+            check_fits(spec, &link)?;
+            link
+        }
     };
-    set_link(nl, spec, &link)?;
-    replace_addresses(nl, spec, link.index)?;
-    step(|| format!("setting {} up", spec.name), rtnl::set_up(nl, link.index, true))?;
-    read_back(nl, &spec.name)
+    set_link(&mut pod, spec, &link)?;
+    replace_addresses(&mut pod, spec, link.index)?;
+    step(|| format!("setting {} up", spec.name), rtnl::set_up(&mut pod, link.index, true))?;
+    read_back(&mut pod, &spec.name)
 }

@@ -35,21 +35,45 @@ fn lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A netlink socket in the pod's network namespace, or the agent's when there is no pod
-/// (no sandbox yet: the interface was configured where it is, see `interface::update`).
-fn pod_socket(netns: Option<BorrowedFd<'_>>) -> Result<Netlink, AgentError> {
-    match netns {
-        Some(ns) => Netlink::open_in(ns).map_err(|e| AgentError::internal("netlink in the pod's network namespace", e)),
-        None => Netlink::open().map_err(|e| AgentError::internal("netlink in the agent's network namespace", e)),
+/// The pod's network namespace, which every network call works in: before CreateSandbox
+/// there is none, and the calls refuse rather than change the namespace the agent runs in
+/// (in host mode, maybe the host's own).
+fn pod_namespace<'a>(netns: Option<BorrowedFd<'a>>, call: &str) -> Result<BorrowedFd<'a>, AgentError> {
+    netns.ok_or_else(|| {
+        AgentError::FailedPrecondition(format!(
+            "{call}: no sandbox yet: the pod's network namespace is made by CreateSandbox"
+        ))
+    })
+}
+
+/// UpdateInterface takes an interface from the agent's own namespace: in a guest, the
+/// guest's, where the VM's interface is. A host-mode agent must be told which one: the
+/// guest's rule (the virtio_net interface) would find a host's own network card.
+fn named_in_host_mode(guest: bool, iface: &types::Interface) -> Result<(), AgentError> {
+    match guest || !iface.device.is_empty() {
+        true => Ok(()),
+        false => Err(AgentError::FailedPrecondition(
+            "UpdateInterface: host mode: name the interface in Interface.device (the guest's rule, its \
+             virtio_net interface, would take a host's own network card)"
+                .into(),
+        )),
     }
 }
 
-/// UpdateInterface: `netns` is the pod's network namespace (None before CreateSandbox).
+fn pod_socket(netns: BorrowedFd<'_>) -> Result<Netlink, AgentError> {
+    Netlink::open_in(netns).map_err(|e| AgentError::internal("netlink in the pod's network namespace", e))
+}
+
+/// UpdateInterface: `netns` is the pod's network namespace (None before CreateSandbox);
+/// `guest`: the agent is the guest's init (not host mode).
 pub fn update_interface(
     netns: Option<BorrowedFd<'_>>,
     iface: &types::Interface,
+    guest: bool,
 ) -> Result<types::Interface, AgentError> {
     let spec = request::interface(iface)?;
+    let netns = pod_namespace(netns, "UpdateInterface")?;
+    named_in_host_mode(guest, iface)?;
     let _one = lock();
     interface::update(&spec, netns)
 }
@@ -57,6 +81,7 @@ pub fn update_interface(
 /// UpdateRoutes: the main table of the pod's namespace made to match `wanted`.
 pub fn update_routes(netns: Option<BorrowedFd<'_>>, wanted: &types::Routes) -> Result<types::Routes, AgentError> {
     let specs = request::routes(&wanted.routes)?;
+    let netns = pod_namespace(netns, "UpdateRoutes")?;
     let _one = lock();
     routes::update(&mut pod_socket(netns)?, &specs)
 }
@@ -64,6 +89,7 @@ pub fn update_routes(netns: Option<BorrowedFd<'_>>, wanted: &types::Routes) -> R
 /// AddArpNeighbors: static neighbour entries added or replaced in the pod's namespace.
 pub fn add_arp_neighbors(netns: Option<BorrowedFd<'_>>, neighbors: &[types::ARPNeighbor]) -> Result<(), AgentError> {
     let specs = neighbors.iter().enumerate().map(|(n, a)| request::neighbour(n, a)).collect::<Result<Vec<_>, _>>()?;
+    let netns = pod_namespace(netns, "AddArpNeighbors")?;
     let _one = lock();
     routes::add_neighbours(&mut pod_socket(netns)?, &specs)
 }

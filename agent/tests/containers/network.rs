@@ -262,8 +262,11 @@ fn pod_view(pid: u32) -> String {
 fn bad_interfaces_are_refused_naming_the_field_and_change_nothing() {
     let net = TestNet::new();
     let agent = net.agent();
-    sandbox(&agent);
     let before = net.link(DEVICE).expect("the device");
+    let early = update_interface(&agent, pod_interface());
+    expect_code(early, ttrpc::Code::FAILED_PRECONDITION, "UpdateInterface: no sandbox yet");
+    assert_eq!(net.link(DEVICE).as_ref(), Some(&before), "before CreateSandbox the device stays where it is");
+    sandbox(&agent);
 
     type Change = fn(&mut Interface);
     let cases: [(Change, ttrpc::Code, &str); 12] = [
@@ -293,9 +296,8 @@ fn bad_interfaces_are_refused_naming_the_field_and_change_nothing() {
         ),
         (|i| i.name = "a/b".into(), ttrpc::Code::INVALID_ARGUMENT, "interface.name \"a/b\""),
         (|i| i.device = "nbt-none".into(), ttrpc::Code::NOT_FOUND, "no interface nbt-none"),
-        // What the agent finds through sysfs (the host's view here: a virtio_net interface
-        // or none) is not in its namespace, and the pod has no eth0 yet.
-        (|i| i.device.clear(), ttrpc::Code::NOT_FOUND, "and none named eth0 in the pod's network namespace"),
+        // Host mode must name the device: the guest's rule would find the host's own card.
+        (|i| i.device.clear(), ttrpc::Code::FAILED_PRECONDITION, "host mode: name the interface"),
         (|i| i.addresses.push(address("198.51.100.2", 25)), ttrpc::Code::INVALID_ARGUMENT, "listed twice"),
     ];
     for (change, code, text) in cases {
