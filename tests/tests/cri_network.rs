@@ -22,6 +22,8 @@
 use nestbox_tests::containerd::{mounts_under, Containerd, Options, BUSYBOX};
 use nestbox_tests::cri::{api, api::NamespaceMode, container_config, namespaces, pod_config};
 use nestbox_tests::{guest_binary, run_with_deadline, GUEST_DEADLINE};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 /// One CRI call that does not start a VM.
@@ -106,24 +108,28 @@ impl Pods<'_> {
     }
 }
 
-/// The CNI network namespaces containerd made for pods (it names them `cni-<uuid>`).
-fn cni_namespaces() -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/var/run/netns") else { return Vec::new() };
-    entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+/// The CNI network namespaces containerd made for pods: files `cni-<uuid>` under its
+/// state folder (the harness sets `netns_mounts_under_state_dir`).
+fn cni_namespaces(c: &Containerd) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(c.dir.join("state/netns")) else { return Vec::new() };
+    entries.filter_map(|e| e.ok()).map(|e| e.path()).collect()
 }
 
-/// The CNI network namespace (its name under /var/run/netns) whose eth0 has address `ip`.
-fn cni_netns_of(ip: &str) -> Option<String> {
-    cni_namespaces().into_iter().filter(|n| n.starts_with("cni-")).find(|ns| {
-        let out = std::process::Command::new("ip").args(["-n", ns, "-o", "addr", "show", "dev", "eth0"]).output();
-        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {ip}/")))
-    })
+/// `ip args...` inside network namespace `ns`.
+fn ip_in(ns: &Path, args: &[&str]) -> String {
+    let out = Command::new("nsenter").arg(format!("--net={}", ns.display())).arg("--").arg("ip").args(args).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+/// The CNI network namespace whose eth0 has address `ip`.
+fn cni_netns_of(c: &Containerd, ip: &str) -> Option<PathBuf> {
+    let has_ip = |ns: &PathBuf| ip_in(ns, &["-o", "addr", "show", "dev", "eth0"]).contains(&format!(" {ip}/"));
+    cni_namespaces(c).into_iter().find(has_ip)
 }
 
 /// The MAC of eth0 (CNI's veth) in network namespace `ns`.
-fn cni_mac(ns: &str) -> Option<String> {
-    let link = std::process::Command::new("ip").args(["-n", ns, "-o", "link", "show", "dev", "eth0"]).output().ok()?;
-    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+fn cni_mac(ns: &Path) -> Option<String> {
+    let link = ip_in(ns, &["-o", "link", "show", "dev", "eth0"]);
     link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).map(str::to_string)
 }
 
@@ -139,7 +145,6 @@ fn pod_network() {
     }
     let probe = guest_binary("net-probe");
     std::fs::copy(&probe, tools.join("net-probe")).expect("copying net-probe");
-    let cni_before: Vec<String> = cni_namespaces().into_iter().filter(|n| n.starts_with("cni-")).collect();
     let pods = Pods { c: &c, logs, tools };
 
     let server = pods.start("server", "nestbox", |config| {
@@ -164,7 +169,7 @@ fn pod_network() {
         ifaces.lines().find(|l| l.starts_with("eth0 ")).unwrap_or_else(|| panic!("no eth0 in the guest: {ifaces}"));
     assert!(eth0.contains(&format!(" {}/16 ", server.ip)), "eth0 has the pod IP {}: {eth0}", server.ip);
     assert!(eth0.contains(" mtu=1500 "), "CNI's MTU: {eth0}");
-    let server_netns = cni_netns_of(&server.ip).expect("the server pod's CNI network namespace");
+    let server_netns = cni_netns_of(&c, &server.ip).expect("the server pod's CNI network namespace");
     let mac = cni_mac(&server_netns).expect("the MAC of eth0 in the server pod's CNI namespace");
     assert!(eth0.ends_with(&format!("mac={mac}")), "the guest's eth0 has the CNI veth's MAC {mac}: {eth0}");
     let routes = pods.exec(&server, &["cat", "/proc/net/route"]);
@@ -188,8 +193,8 @@ fn pod_network() {
 
     // PortForward: containerd connects to localhost:<port> inside the pod's network
     // namespace on the host; the shim carries that into the guest's pod namespace.
-    let mut forward = std::process::Command::new("nsenter");
-    forward.arg(format!("--net=/var/run/netns/{server_netns}")).arg("--").arg(&probe);
+    let mut forward = Command::new("nsenter");
+    forward.arg(format!("--net={}", server_netns.display())).arg("--").arg(&probe);
     forward.args(["get", "127.0.0.1", &PORT.to_string()]);
     let got = run_with_deadline(&mut forward, QUICK);
     assert!(got.status.success(), "port forward to {PORT}: {got:?}\n{}", pods.context());
@@ -207,7 +212,6 @@ fn pod_network() {
     c.assert_clean();
     let mounts = mounts_under(&c.dir);
     assert!(mounts.is_empty(), "mounts left: {mounts:?}");
-    let cni_after: Vec<String> = cni_namespaces().into_iter().filter(|n| n.starts_with("cni-")).collect();
-    let left: Vec<&String> = cni_after.iter().filter(|n| !cni_before.contains(n)).collect();
+    let left = cni_namespaces(&c);
     assert!(left.is_empty(), "CNI network namespaces left: {left:?}");
 }

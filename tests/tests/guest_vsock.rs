@@ -126,12 +126,13 @@ fn agent_api_and_vsock_in_a_real_guest() {
     assert!(version.kernel_release.ends_with("-nestbox"), "{}", version.kernel_release);
     assert_ne!(version.kernel_release, host_kernel_release());
     assert!(version.init_daemon, "the agent is the guest's PID 1");
+    // Network calls change only a pod's namespace: none before CreateSandbox.
     match agent.update_routes(ctx(), &UpdateRoutesRequest::new()) {
         Err(ttrpc::Error::RpcStatus(s)) => {
-            assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED);
-            assert_eq!(s.message(), "UpdateRoutes is not implemented yet");
+            assert_eq!(s.code(), ttrpc::Code::FAILED_PRECONDITION);
+            assert!(s.message().contains("no sandbox yet"), "{}", s.message());
         }
-        other => panic!("UpdateRoutes: expected UNIMPLEMENTED, got {other:?}"),
+        other => panic!("UpdateRoutes before CreateSandbox: expected FAILED_PRECONDITION, got {other:?}"),
     }
     // Container calls are served (the guest has no rootfs to run one yet: virtio-fs).
     match agent.create_container(ctx(), &CreateContainerRequest::new()) {
