@@ -106,7 +106,7 @@ fn serve(cmdline: &str, reaper: std::sync::Arc<crate::reaper::Reaper>) -> anyhow
     std::thread::Builder::new()
         .name("shutdown".into())
         .spawn(move || {
-            serving.wait_for_shutdown();
+            serving.wait_for_shutdown_to_reboot();
             println!("nestbox-agent: shutdown: rebooting the VM");
             let err = restart_vm();
             // The main thread keeps reaping; nothing else to do here.

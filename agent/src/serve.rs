@@ -1,14 +1,17 @@
 //! Serving the agent API with ttrpc's synchronous server (its own threads), in either
 //! mode: on vsock as the guest's init, on a Unix socket on a host.
 //!
-//! A shutdown first ends the long polls (GetOOMEvent waits for an event that may never
-//! come), so the server's drain, which waits for every call in flight, finishes as soon
-//! as the Shutdown call's own answer is written and the guest reboots at once.
+//! A shutdown is signalled once the Shutdown call's answer is handed to the server's
+//! writer, and first ends the long polls (GetOOMEvent waits for an event that may never
+//! come). On a host the server is then drained (every call in flight answered) before
+//! the agent ends; in the guest the agent reboots at once, while the server tears down:
+//! that teardown (threads woken and joined one by one) takes seconds in an emulated guest
+//! kernel, and the reboot ends every call anyway.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nestbox_protocols::agent::OOMEvent;
@@ -33,6 +36,7 @@ pub const BOUND_WARNING: &str = "safety-net bound reached";
 const DRAIN_BOUND: Duration = Duration::from_secs(10);
 
 const GET_OOM_EVENT: &str = "/nestbox.agent.v1.AgentService/GetOOMEvent";
+const SHUTDOWN: &str = "/nestbox.agent.v1.AgentService/Shutdown";
 
 pub struct Serving {
     server: ttrpc::Server,
@@ -40,21 +44,26 @@ pub struct Serving {
     shutdown_tx: Sender<()>,
     shutdown_rx: Receiver<()>,
     oom: Arc<OomQueue>,
+    /// Where `AgentRpc` signals a Shutdown (before its answer exists): kept, not read; the
+    /// Shutdown handler's wrapper signals `shutdown_tx` once the answer is queued.
+    _early_rx: Receiver<()>,
 }
 
 /// Starts serving the API on `address` (`vsock://-1:1024`, `unix:///path`) on ttrpc's
 /// threads and returns at once.
 pub fn start(address: &str, init_daemon: bool, sandbox: Arc<Sandbox>) -> anyhow::Result<Serving> {
     let (shutdown_tx, shutdown_rx) = mpsc::channel();
+    let (early_tx, early_rx) = mpsc::channel();
     let oom = sandbox.env.oom.clone();
-    let mut service = create_agent_service(Arc::new(AgentRpc::new(init_daemon, shutdown_tx.clone(), sandbox)));
+    let mut service = create_agent_service(Arc::new(AgentRpc::new(init_daemon, early_tx, sandbox)));
     end_oom_polls_at_shutdown(&mut service, oom.clone());
+    signal_shutdown_after_its_answer(&mut service, shutdown_tx.clone());
     let mut server = ttrpc::Server::new()
         .bind(address)
         .with_context(|| format!("binding the agent API to {address}"))?
         .register_service(service);
     server.start().with_context(|| format!("starting the agent API server on {address}"))?;
-    Ok(Serving { server, address: address.to_string(), shutdown_tx, shutdown_rx, oom })
+    Ok(Serving { server, address: address.to_string(), shutdown_tx, shutdown_rx, oom, _early_rx: early_rx })
 }
 
 type Methods = HashMap<String, Box<dyn MethodHandler + Send + Sync>>;
@@ -64,6 +73,28 @@ type Methods = HashMap<String, Box<dyn MethodHandler + Send + Sync>>;
 /// for good. (Here, because ending calls at shutdown is the server's business.)
 fn end_oom_polls_at_shutdown(methods: &mut Methods, oom: Arc<OomQueue>) {
     methods.insert(GET_OOM_EVENT.to_string(), Box::new(GetOomEvent { oom }));
+}
+
+/// The Shutdown call signals the shutdown once its answer is queued for writing, so the
+/// agent never ends before it has an answer to send.
+fn signal_shutdown_after_its_answer(methods: &mut Methods, shutdown: Sender<()>) {
+    if let Some(inner) = methods.remove(SHUTDOWN) {
+        methods.insert(SHUTDOWN.to_string(), Box::new(AnswerThenShutDown { inner, shutdown }));
+    }
+}
+
+struct AnswerThenShutDown {
+    inner: Box<dyn MethodHandler + Send + Sync>,
+    shutdown: Sender<()>,
+}
+
+impl MethodHandler for AnswerThenShutDown {
+    fn handler(&self, ctx: TtrpcContext, req: ttrpc::Request) -> ttrpc::Result<()> {
+        let answered = self.inner.handler(ctx, req);
+        // A failed send: the shutdown is under way already.
+        let _ = self.shutdown.send(());
+        answered
+    }
 }
 
 struct GetOomEvent {
@@ -94,34 +125,50 @@ impl Serving {
 
     /// Blocks until a shutdown is asked for, ends the long polls, then stops the server:
     /// no new connections, and the answers of calls in flight are written before their
-    /// connections close.
+    /// connections close (host mode: the process ends next).
     pub fn wait_for_shutdown(self) {
-        // Cannot fail: `self` holds a sender.
-        let _ = self.shutdown_rx.recv();
-        let asked = std::time::Instant::now();
-        self.oom.close();
-        let (done_tx, done_rx) = mpsc::channel();
-        let server = self.server;
-        let drained = std::thread::Builder::new().name("api-shutdown".into()).spawn(move || {
-            server.shutdown();
-            let _ = done_tx.send(());
-        });
+        let (asked, address, drained) = self.shut_down();
         match drained {
-            Ok(_) => {
-                if done_rx.recv_timeout(DRAIN_BOUND).is_ok() {
-                    // Logged: how long a VM stop spends here (the guest's share of it).
+            Some(done) => {
+                if done.recv_timeout(DRAIN_BOUND).is_ok() {
                     eprintln!("nestbox-agent: shutdown: calls drained in {:?}", asked.elapsed());
                 } else {
                     eprintln!(
-                        "nestbox-agent: {BOUND_WARNING}: calls on {} still running {DRAIN_BOUND:?} after the \
-                         shutdown (the long polls ended); ending anyway",
-                        self.address
+                        "nestbox-agent: {BOUND_WARNING}: calls on {address} still running {DRAIN_BOUND:?} after the \
+                         shutdown (the long polls ended); ending anyway"
                     );
                 }
             }
-            // No thread to drain with: end without waiting rather than not at all.
-            Err(e) => eprintln!("nestbox-agent: stopping the API server: {e}"),
+            None => eprintln!("nestbox-agent: stopping the API server on {address}: no thread to drain with"),
         }
+    }
+
+    /// Blocks until a shutdown is asked for (the Shutdown call's answer is queued by then),
+    /// ends the long polls and starts stopping the server, then returns for the reboot:
+    /// the answer is written by the server's writer thread while the caller syncs the
+    /// file systems, and nothing else in flight outlives the reboot. (Should the answer
+    /// still be lost, the host sees the connection close as the VM ends.)
+    pub fn wait_for_shutdown_to_reboot(self) {
+        let (_, address, drained) = self.shut_down();
+        if drained.is_none() {
+            eprintln!("nestbox-agent: stopping the API server on {address}: no thread to stop it with");
+        }
+    }
+
+    /// Waits for the shutdown signal, ends the long polls and stops the server on a thread
+    /// of its own; the receiver hears when it is stopped.
+    fn shut_down(self) -> (Instant, String, Option<Receiver<()>>) {
+        // Cannot fail: `self` holds a sender.
+        let _ = self.shutdown_rx.recv();
+        let asked = Instant::now();
+        self.oom.close();
+        let (done_tx, done_rx) = mpsc::channel();
+        let server = self.server;
+        let spawned = std::thread::Builder::new().name("api-shutdown".into()).spawn(move || {
+            server.shutdown();
+            let _ = done_tx.send(());
+        });
+        (asked, self.address, spawned.ok().map(|_| done_rx))
     }
 }
 
@@ -130,7 +177,6 @@ mod tests {
     use super::*;
     use nestbox_protocols::agent::{GetOOMEventRequest, ShutdownRequest};
     use nestbox_protocols::agent_ttrpc::AgentServiceClient;
-    use std::time::Instant;
 
     fn sandbox() -> Arc<Sandbox> {
         let env = crate::container::Env {
@@ -143,16 +189,20 @@ mod tests {
         Sandbox::new(env, false)
     }
 
-    /// A GetOOMEvent in flight when Shutdown arrives is answered "shutting down" and the
-    /// server stops at once, far inside the drain bound.
-    #[test]
-    fn shutdown_ends_the_oom_poll_and_drains_at_once() {
+    /// A GetOOMEvent in flight when Shutdown arrives is answered "shutting down", Shutdown
+    /// itself is answered, and the wait (`reboot`: the guest's, else the host's full drain)
+    /// returns at once, far inside the drain bound.
+    fn shutdown_ends_the_oom_poll_and_returns_at_once(reboot: bool) {
         let dir = tempfile::tempdir().expect("tempdir");
         let address = format!("unix://{}", dir.path().join("agent.sock").display());
         let serving = start(&address, false, sandbox()).expect("serving");
         let (drained_tx, drained) = mpsc::channel();
         std::thread::spawn(move || {
-            serving.wait_for_shutdown();
+            if reboot {
+                serving.wait_for_shutdown_to_reboot();
+            } else {
+                serving.wait_for_shutdown();
+            }
             let _ = drained_tx.send(());
         });
         let client = AgentServiceClient::new(ttrpc::Client::connect(&address).expect("connecting"));
@@ -175,7 +225,17 @@ mod tests {
             }
             other => panic!("GetOOMEvent after Shutdown: {other:?}"),
         }
-        drained.recv_timeout(Duration::from_secs(5)).expect("the server still drains");
-        assert!(asked.elapsed() < DRAIN_BOUND / 2, "drained in {:?}", asked.elapsed());
+        drained.recv_timeout(Duration::from_secs(5)).expect("the shutdown still waits");
+        assert!(asked.elapsed() < DRAIN_BOUND / 2, "returned after {:?}", asked.elapsed());
+    }
+
+    #[test]
+    fn host_shutdown_ends_the_oom_poll_and_drains_at_once() {
+        shutdown_ends_the_oom_poll_and_returns_at_once(false);
+    }
+
+    #[test]
+    fn guest_shutdown_answers_and_returns_for_the_reboot_at_once() {
+        shutdown_ends_the_oom_poll_and_returns_at_once(true);
     }
 }
