@@ -28,11 +28,10 @@ use crate::sandbox::Sandbox;
 /// normal start or stop never waits that long.
 pub const BOUND_WARNING: &str = "safety-net bound reached";
 
-/// How long a shutdown waits for the calls still in flight once the long polls ended (the
-/// Shutdown call's own answer among them) before the agent ends anyway. Normally nothing
-/// is left by then and the drain takes microseconds; the bound is for a call that cannot
-/// end by itself (a WaitProcess of a process still running, a container setup stuck in
-/// the guest): the reboot ends those, and they must not keep the VM alive.
+/// How long a host-mode shutdown waits for the calls still in flight once the long polls
+/// ended before the agent ends anyway. Normally nothing is left by then and the drain
+/// takes milliseconds; the bound is for a call that cannot end by itself (a WaitProcess of
+/// a process still running, a container setup stuck), which must not keep the agent alive.
 const DRAIN_BOUND: Duration = Duration::from_secs(10);
 
 const GET_OOM_EVENT: &str = "/nestbox.agent.v1.AgentService/GetOOMEvent";
