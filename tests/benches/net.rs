@@ -10,11 +10,14 @@
 //! runs' p50 round trip and of their throughput.
 //!
 //! Options (after `--`): `--runs N` (default 5), `--round-trips N` per run (default 2000),
-//! `--mib N` per throughput run (default 64).
+//! `--mib N` per throughput run (default 64), `--binaries DIR` a folder with the
+//! `containerd-shim-nestbox-v2` and `nestbox-vmm` to measure (e.g. `target/release` after
+//! `cargo build --release`; default: the workspace's debug build).
 
 use nestbox_tests::containerd::{Containerd, Options, BUSYBOX};
 use nestbox_tests::cri::{api, api::NamespaceMode, container_config, namespaces, pod_config};
 use nestbox_tests::{guest_binary, GUEST_DEADLINE};
+use std::path::PathBuf;
 use std::time::Duration;
 
 const QUICK: Duration = Duration::from_secs(60);
@@ -79,7 +82,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (runs, round_trips, mib) =
         (option(&args, "--runs", 5), option(&args, "--round-trips", 2000), option(&args, "--mib", 64));
-    let options = Options { cri: true, pod_network: true, shared_templates: true, ..Default::default() };
+    let binaries = args.iter().position(|a| a == "--binaries").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let options = Options { cri: true, pod_network: true, shared_templates: binaries.is_none(), binaries };
     let c = Containerd::start_with("netbench", "[agent]\nboot_timeout_secs = 900\n", options);
     c.import_busybox();
     let (logs, tools) = (c.dir.join("pod-logs"), c.dir.join("tools"));
