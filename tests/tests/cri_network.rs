@@ -108,10 +108,11 @@ impl Pods<'_> {
     }
 }
 
-/// The CNI network namespaces containerd made for pods: files `cni-<uuid>` under its
-/// state folder (the harness sets `netns_mounts_under_state_dir`).
+/// The CNI network namespaces containerd made for pods: files `cni-<uuid>` in the CRI
+/// plugin's state folder (the harness sets `netns_mounts_under_state_dir`).
 fn cni_namespaces(c: &Containerd) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(c.dir.join("state/netns")) else { return Vec::new() };
+    let state = c.dir.join("state/io.containerd.grpc.v1.cri/netns");
+    let Ok(entries) = std::fs::read_dir(&state) else { return Vec::new() };
     entries.filter_map(|e| e.ok()).map(|e| e.path()).collect()
 }
 
@@ -169,7 +170,8 @@ fn pod_network() {
         ifaces.lines().find(|l| l.starts_with("eth0 ")).unwrap_or_else(|| panic!("no eth0 in the guest: {ifaces}"));
     assert!(eth0.contains(&format!(" {}/16 ", server.ip)), "eth0 has the pod IP {}: {eth0}", server.ip);
     assert!(eth0.contains(" mtu=1500 "), "CNI's MTU: {eth0}");
-    let server_netns = cni_netns_of(&c, &server.ip).expect("the server pod's CNI network namespace");
+    let server_netns = cni_netns_of(&c, &server.ip)
+        .unwrap_or_else(|| panic!("the server pod's CNI network namespace among {:?}", cni_namespaces(&c)));
     let mac = cni_mac(&server_netns).expect("the MAC of eth0 in the server pod's CNI namespace");
     assert!(eth0.ends_with(&format!("mac={mac}")), "the guest's eth0 has the CNI veth's MAC {mac}: {eth0}");
     let routes = pods.exec(&server, &["cat", "/proc/net/route"]);
