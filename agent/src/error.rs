@@ -18,6 +18,9 @@ pub enum AgentError {
     DeadlineExceeded(String),
     #[error("{0}")]
     Internal(String),
+    /// The agent is shutting down: the call cannot be served any more.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// An [`AgentError::InvalidArgument`] saying what is wrong with the request.
@@ -39,6 +42,7 @@ impl AgentError {
             AgentError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
             AgentError::DeadlineExceeded(_) => ttrpc::Code::DEADLINE_EXCEEDED,
             AgentError::Internal(_) => ttrpc::Code::INTERNAL,
+            AgentError::Unavailable(_) => ttrpc::Code::UNAVAILABLE,
         }
     }
 }

@@ -42,18 +42,6 @@ impl OomQueue {
         self.ready.notify_one();
     }
 
-    /// Blocks until an event is queued and takes it (for callers that never see a
-    /// shutdown; the server answers GetOOMEvent with [`OomQueue::next_event`]).
-    pub fn next(&self) -> String {
-        let mut events = self.lock();
-        loop {
-            if let Some(id) = events.queue.pop_front() {
-                return id;
-            }
-            events = self.ready.wait(events).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
     /// Blocks until an event is queued and takes it, or until [`OomQueue::close`]: a
     /// shutdown wakes every waiter at once (events still queued are handed out first).
     pub fn next_event(&self) -> Result<String, ShuttingDown> {

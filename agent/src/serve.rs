@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nestbox_protocols::agent::OOMEvent;
 use nestbox_protocols::agent_ttrpc::create_agent_service;
-use nestbox_protocols::protobuf::Message;
 use nestbox_protocols::ttrpc::{self, MethodHandler, TtrpcContext};
 
 use crate::oom::OomQueue;
@@ -34,7 +32,6 @@ pub const BOUND_WARNING: &str = "safety-net bound reached";
 /// a process still running, a container setup stuck), which must not keep the agent alive.
 const DRAIN_BOUND: Duration = Duration::from_secs(10);
 
-const GET_OOM_EVENT: &str = "/nestbox.agent.v1.AgentService/GetOOMEvent";
 const SHUTDOWN: &str = "/nestbox.agent.v1.AgentService/Shutdown";
 
 pub struct Serving {
@@ -55,7 +52,6 @@ pub fn start(address: &str, init_daemon: bool, sandbox: Arc<Sandbox>) -> anyhow:
     let (early_tx, early_rx) = mpsc::channel();
     let oom = sandbox.env.oom.clone();
     let mut service = create_agent_service(Arc::new(AgentRpc::new(init_daemon, early_tx, sandbox)));
-    end_oom_polls_at_shutdown(&mut service, oom.clone());
     signal_shutdown_after_its_answer(&mut service, shutdown_tx.clone());
     let mut server = ttrpc::Server::new()
         .bind(address)
@@ -66,13 +62,6 @@ pub fn start(address: &str, init_daemon: bool, sandbox: Arc<Sandbox>) -> anyhow:
 }
 
 type Methods = HashMap<String, Box<dyn MethodHandler + Send + Sync>>;
-
-/// GetOOMEvent is answered from [`OomQueue::next_event`], which ends with "shutting down"
-/// (UNAVAILABLE) when the agent stops, where `AgentRpc`'s answer would wait for an event
-/// for good. (Here, because ending calls at shutdown is the server's business.)
-fn end_oom_polls_at_shutdown(methods: &mut Methods, oom: Arc<OomQueue>) {
-    methods.insert(GET_OOM_EVENT.to_string(), Box::new(GetOomEvent { oom }));
-}
 
 /// The Shutdown call signals the shutdown once its answer is queued for writing, so the
 /// agent never ends before it has an answer to send.
@@ -93,26 +82,6 @@ impl MethodHandler for AnswerThenShutDown {
         // A failed send: the shutdown is under way already.
         let _ = self.shutdown.send(());
         answered
-    }
-}
-
-struct GetOomEvent {
-    oom: Arc<OomQueue>,
-}
-
-impl MethodHandler for GetOomEvent {
-    fn handler(&self, ctx: TtrpcContext, _req: ttrpc::Request) -> ttrpc::Result<()> {
-        // The request has no fields: nothing to decode.
-        let mut res = ttrpc::Response::new();
-        match self.oom.next_event() {
-            Ok(container_id) => {
-                let event = OOMEvent { container_id, ..Default::default() };
-                res.payload = event.write_to_bytes().map_err(|e| ttrpc::Error::Others(format!("OOMEvent: {e}")))?;
-                res.set_status(ttrpc::get_status(ttrpc::Code::OK, ""));
-            }
-            Err(e) => res.set_status(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, e.to_string())),
-        }
-        ttrpc::response_to_channel(ctx.mh.stream_id, res, ctx.res_tx)
     }
 }
 
