@@ -159,8 +159,7 @@ impl AgentService for AgentRpc {
 
     fn get_oom_event(&self, _ctx: &TtrpcContext, _req: agent::GetOOMEventRequest) -> ttrpc::Result<agent::OOMEvent> {
         // Ends with UNAVAILABLE at shutdown (serve.rs closes the queue), not waiting for good.
-        let container_id =
-            self.sandbox.env.oom.next_event().map_err(|e| AgentError::Unavailable(e.to_string()))?;
+        let container_id = self.sandbox.env.oom.next_event().map_err(|e| AgentError::Unavailable(e.to_string()))?;
         Ok(agent::OOMEvent { container_id, ..Default::default() })
     }
 
