@@ -121,7 +121,7 @@ fn containers_run_in_their_own_vms() {
     });
 
     // The first pod makes the template, then is restored from it: stdin in, stdout and
-    // stderr out, the exit code, and a kernel of its own.
+    // stderr out, the exit code, a kernel of its own, loopback only.
     let once = run_with_input(
         &mut c.ctr(&[
             "run",
@@ -132,7 +132,8 @@ fn containers_run_in_their_own_vms() {
             "once",
             "sh",
             "-c",
-            "read line; echo \"got $line\"; echo \"guest $(uname -r)\"; echo to-stderr >&2; exit 3",
+            "read line; echo \"got $line\"; echo \"guest $(uname -r)\"; echo links $(ls /sys/class/net); \
+             echo to-stderr >&2; exit 3",
         ]),
         b"piped-input\n",
         GUEST_DEADLINE,
@@ -149,6 +150,9 @@ fn containers_run_in_their_own_vms() {
         .to_string();
     assert_ne!(guest_release, host_release, "the container must run on the guest's kernel");
     assert!(guest_release.ends_with("-nestbox"), "{guest_release}");
+    // No CNI namespace (ctr): the container has its own network namespace in the guest
+    // with loopback only; the VM's virtio-net device stays unused.
+    assert!(once.stdout.lines().any(|l| l.trim() == "links lo"), "loopback only: {once:?}");
     assert!(!c.sandbox_dirs().iter().any(|d| d.ends_with("once")), "the --rm pod's sandbox is gone");
     let first_templates = templates(&c);
     assert_eq!(first_templates.len(), 1, "one template made: {first_templates:?}\n{}", c.log_tail(60));
