@@ -213,9 +213,19 @@ impl Vmm {
 
     /// Kills the VMM (if still running) and waits until it is reaped, at most `timeout`.
     pub fn kill(&self, timeout: Duration) -> Option<ExitStatus> {
+        self.wait_exit(timeout, true)
+    }
+
+    /// Waits until the VMM has ended and been reaped, at most `timeout` (woken by the
+    /// supervisor when it reaps the VMM, not by polling here).
+    pub fn wait(&self, timeout: Duration) -> Option<ExitStatus> {
+        self.wait_exit(timeout, false)
+    }
+
+    fn wait_exit(&self, timeout: Duration, kill_first: bool) -> Option<ExitStatus> {
         let (lock_, cond) = &*self.state;
         let mut state = lock(lock_);
-        if let Some(child) = state.child.as_mut() {
+        if let (true, Some(child)) = (kill_first, state.child.as_mut()) {
             let _ = child.kill();
         }
         let deadline = Instant::now() + timeout;
