@@ -5,6 +5,7 @@
 use super::muxer::Muxer;
 use super::packet::*;
 use super::{HOST_CID, RX_QUEUE, TX_QUEUE};
+use crate::devices::virtio::test_driver::Driver;
 use crate::devices::virtio::Interrupt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,77 +13,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const GUEST_CID: u64 = 3;
 const QSIZE: u16 = 64;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
 const HDR: usize = 44;
-
-/// The driver side of one split virtqueue.
-struct DriverQueue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl DriverQueue {
-    fn new(base: u64) -> DriverQueue {
-        DriverQueue { desc: base, avail: base + 0x1000, used: base + 0x2000, next_desc: 0, avail_idx: 0, used_seen: 0 }
-    }
-
-    fn device_queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(self.desc as u32), Some(0));
-        q.set_avail_ring_address(Some(self.avail as u32), Some(0));
-        q.set_used_ring_address(Some(self.used as u32), Some(0));
-        q.set_ready(true);
-        q
-    }
-
-    /// Makes a chain of (address, length, device-writable) buffers available.
-    fn add(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = (self.next_desc + i as u16) % QSIZE;
-            let last = i == bufs.len() - 1;
-            let flags = if write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-            let at = self.desc + 16 * u64::from(idx);
-            mem.write_obj(addr, GuestAddress(at)).unwrap();
-            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            mem.write_obj((idx + 1) % QSIZE, GuestAddress(at + 14)).unwrap();
-        }
-        self.next_desc = (self.next_desc + bufs.len() as u16) % QSIZE;
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
-        head
-    }
-
-    /// Used entries (descriptor head, length) the device returned since the last call.
-    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let at = self.used + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
-            out.push((id as u16, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-}
 
 fn encode(h: &Header) -> [u8; HDR] {
     let mut b = [0u8; HDR];
@@ -120,9 +56,9 @@ fn decode(b: &[u8]) -> Header {
 /// A fake guest: memory, the driver side of RX and TX, and the muxer on its thread.
 struct Guest {
     mem: GuestMemoryMmap,
-    rx: DriverQueue,
-    tx: DriverQueue,
-    ev: DriverQueue,
+    rx: Driver,
+    tx: Driver,
+    ev: Driver,
     events: Vec<EventFd>,
     stop: EventFd,
     worker: Option<JoinHandle<()>>,
@@ -152,9 +88,9 @@ impl Guest {
         let _ = std::fs::remove_file(&uds);
         let listener = UnixListener::bind(&uds).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let rx = DriverQueue::new(0x1_0000);
-        let tx = DriverQueue::new(0x2_0000);
-        let mut ev = DriverQueue::new(0x3_0000);
+        let rx = Driver::new(0x1_0000, QSIZE);
+        let tx = Driver::new(0x2_0000, QSIZE);
+        let mut ev = Driver::new(0x3_0000, QSIZE);
         ev.add(&mem, &[(0x4_0000, 8, true)]);
         let events: Vec<EventFd> = (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
         let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
