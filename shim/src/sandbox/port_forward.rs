@@ -226,30 +226,15 @@ fn original_port(stream: &TcpStream) -> io::Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::network::tests::TestNetns;
     use std::os::unix::net::UnixListener;
 
-    /// A network namespace of the test's (`ip netns add`), loopback up, deleted on drop.
-    struct TestNetns(String);
-
-    impl TestNetns {
-        fn new() -> TestNetns {
-            let name = format!("nbx-pf-{}", std::process::id());
-            let _ = Command::new("ip").args(["netns", "del", &name]).stderr(std::process::Stdio::null()).status();
-            for args in [vec!["netns", "add", &name], vec!["-n", &name, "link", "set", "lo", "up"]] {
-                assert!(Command::new("ip").args(&args).status().expect("ip").success(), "ip {args:?}");
-            }
-            TestNetns(name)
-        }
-
-        fn file(&self) -> std::fs::File {
-            std::fs::File::open(format!("/run/netns/{}", self.0)).expect("opening the test netns")
-        }
-    }
-
-    impl Drop for TestNetns {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
+    /// A namespace of the test's with its loopback up, as CNI's loopback plugin leaves a pod's.
+    fn test_netns() -> TestNetns {
+        let netns = TestNetns::empty("pf");
+        let up = Command::new("ip").args(["-n", &netns.name, "link", "set", "lo", "up"]).status().expect("ip");
+        assert!(up.success(), "lo up in {}", netns.name);
+        netns
     }
 
     /// Plays the VMM's hybrid vsock and the agent's port-forward port: answers one
@@ -275,11 +260,11 @@ mod tests {
 
     #[test]
     fn connections_to_the_pods_localhost_reach_the_guest() {
-        let netns = TestNetns::new();
+        let netns = test_netns();
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("vsock.sock");
         let guest = fake_guest(&socket);
-        let file = netns.file();
+        let file = std::fs::File::open(netns.path()).expect("opening the test netns");
         let forwarder = start("pod1", file.as_fd(), &socket).expect("starting the forwarder");
         // What containerd does: connect to localhost:<port> from inside the namespace.
         let echoed = std::thread::scope(|s| {
@@ -299,7 +284,7 @@ mod tests {
         assert_eq!(guest.join().expect("fake guest"), "tcp 4242\n", "the guest is asked for the original port");
         let rules = || {
             let out = Command::new("ip")
-                .args(["netns", "exec", &netns.0, "iptables", "-t", "nat", "-S", "OUTPUT"])
+                .args(["netns", "exec", &netns.name, "iptables", "-t", "nat", "-S", "OUTPUT"])
                 .output()
                 .expect("iptables -S");
             String::from_utf8_lossy(&out.stdout).into_owned()

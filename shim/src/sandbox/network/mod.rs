@@ -221,4 +221,4 @@ async fn undo(handle: &rtnetlink::Handle, ctx: &error::Context, veth: &Veth, mad
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

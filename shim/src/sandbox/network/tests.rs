@@ -22,14 +22,14 @@ fn tc(ns: &str, args: &[&str]) -> String {
 }
 
 /// A network namespace deleted (with its veth pair) when dropped.
-struct TestNetns {
-    name: String,
+pub(crate) struct TestNetns {
+    pub(crate) name: String,
     peer: String,
 }
 
 impl TestNetns {
-    /// An empty namespace (loopback only).
-    fn empty(tag: &str) -> TestNetns {
+    /// An empty namespace (loopback only, down).
+    pub(crate) fn empty(tag: &str) -> TestNetns {
         let pid = std::process::id() % 100_000;
         let netns = TestNetns { name: format!("nestbox-test-{tag}-{pid}"), peer: format!("nbp{tag}{pid}") };
         let _ = ip(&["netns", "del", &netns.name]);
@@ -71,7 +71,7 @@ impl TestNetns {
         netns
     }
 
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         PathBuf::from("/var/run/netns").join(&self.name)
     }
 
