@@ -131,28 +131,12 @@ fn connect_localhost(port: u16) -> Result<TcpStream, String> {
 fn splice(host: &UnixStream, pod: &TcpStream) {
     std::thread::scope(|s| {
         s.spawn(|| {
-            copy(&mut &*host, &mut &*pod);
+            let _ = io::copy(&mut &*host, &mut &*pod);
             let _ = pod.shutdown(Shutdown::Write);
         });
-        copy(&mut &*pod, &mut &*host);
+        let _ = io::copy(&mut &*pod, &mut &*host);
         let _ = host.shutdown(Shutdown::Write);
     });
-}
-
-fn copy(from: &mut impl Read, to: &mut impl Write) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    }
 }
 
 /// The pod network namespace source of `sandbox`: its pod's, once CreateSandbox made it.
