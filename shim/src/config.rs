@@ -37,6 +37,13 @@ pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 120;
 pub const ANNOTATION_PREFIX: &str = "io.nestbox.";
 pub const ANNOTATION_VCPUS: &str = "io.nestbox.vcpus";
 pub const ANNOTATION_MEMORY_MIB: &str = "io.nestbox.memory_mib";
+/// What containerd's CRI (1.6 and later) puts on a pod sandbox's spec when kubelet sends the
+/// pod's resources (PodSandboxConfig.linux.resources: the sum of its containers' limits and
+/// the RuntimeClass overhead): CFS quota and period, and memory in bytes. Kata sizes its
+/// VMs from the same three.
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 const CPU_TEMPLATES: [&str; 3] = ["auto", "none", "pvm"];
@@ -77,6 +84,8 @@ struct HypervisorFile {
     initramfs: Option<PathBuf>,
     vcpus: Option<i64>,
     memory_mib: Option<i64>,
+    max_vcpus: Option<i64>,
+    max_memory_mib: Option<i64>,
     kernel_params: Option<String>,
     cpu_template: Option<String>,
 }
@@ -108,6 +117,10 @@ pub struct Config {
     pub initramfs: PathBuf,
     pub vcpus: u8,
     pub memory_mib: u64,
+    /// Bounds of a pod's VM sized from its resources (the CRI sandbox annotations);
+    /// `io.nestbox.*` annotations are not bounded by them.
+    pub max_vcpus: u8,
+    pub max_memory_mib: u64,
     /// Appended to the VMM's own kernel parameters.
     pub kernel_params: String,
     pub cpu_template: String,
@@ -162,7 +175,7 @@ impl Config {
         })?;
         let guest_dir = default_guest_dir();
         let h = file.hypervisor;
-        let config = Config {
+        let mut config = Config {
             source: source.map(Path::to_path_buf),
             vmm: absolute("hypervisor.vmm", h.vmm)?.unwrap_or_else(default_vmm),
             kernel: absolute("hypervisor.kernel", h.kernel)?.unwrap_or_else(|| guest_dir.join("vmlinux")),
@@ -175,6 +188,16 @@ impl Config {
             memory_mib: match h.memory_mib {
                 Some(v) => memory("hypervisor.memory_mib", v).map_err(|r| invalid("hypervisor.memory_mib", r))?,
                 None => DEFAULT_MEMORY_MIB,
+            },
+            max_vcpus: match h.max_vcpus {
+                Some(v) => vcpus("hypervisor.max_vcpus", v).map_err(|r| invalid("hypervisor.max_vcpus", r))?,
+                None => 0, // below: the host's, at least vcpus
+            },
+            max_memory_mib: match h.max_memory_mib {
+                Some(v) => {
+                    memory("hypervisor.max_memory_mib", v).map_err(|r| invalid("hypervisor.max_memory_mib", r))?
+                }
+                None => 0, // below: the host's, at least memory_mib
             },
             kernel_params: h.kernel_params.unwrap_or_default(),
             cpu_template: one_of("hypervisor.cpu_template", h.cpu_template, &CPU_TEMPLATES, "auto")?,
@@ -192,16 +215,33 @@ impl Config {
             templates_dir: absolute("runtime.templates_dir", file.runtime.templates_dir)?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_TEMPLATES_DIR)),
         };
+        if h.max_vcpus.is_none() {
+            config.max_vcpus = host_cpus().max(config.vcpus);
+        }
+        if h.max_memory_mib.is_none() {
+            config.max_memory_mib = host_memory_mib().max(config.memory_mib);
+        }
+        if config.max_vcpus < config.vcpus {
+            return Err(invalid(
+                "hypervisor.max_vcpus",
+                format!("{} is below vcpus ({})", config.max_vcpus, config.vcpus),
+            ));
+        }
+        if config.max_memory_mib < config.memory_mib {
+            let reason = format!("{} is below memory_mib ({})", config.max_memory_mib, config.memory_mib);
+            return Err(invalid("hypervisor.max_memory_mib", reason));
+        }
         if config.kernel_params.contains('\n') {
             return Err(invalid("hypervisor.kernel_params", "must be one line"));
         }
         Ok(config)
     }
 
-    /// The VM size for a pod: the configuration, overridden by the pod's `io.nestbox.*`
+    /// The VM size for a pod: the configuration plus the pod's resources (CRI sandbox
+    /// annotations) up to the configured maximum, overridden by the pod's `io.nestbox.*`
     /// annotations. An unknown `io.nestbox.` annotation is an error, like an unknown key.
     pub fn vm_size(&self, annotations: &HashMap<String, String>) -> Result<VmSize, ConfigError> {
-        let mut size = VmSize { vcpus: self.vcpus, memory_mib: self.memory_mib };
+        let mut size = self.pod_resources(annotations)?;
         let mut keys: Vec<&String> = annotations.keys().filter(|k| k.starts_with(ANNOTATION_PREFIX)).collect();
         keys.sort();
         for key in keys {
@@ -221,6 +261,27 @@ impl Config {
         Ok(size)
     }
 
+    /// Kata's sizing: the configured VM (room for the guest kernel, the agent and the
+    /// pause) plus the pod's CPU limit rounded up to whole vCPUs and its memory limit, each
+    /// capped at `max_*`. No limit (absent, zero, or a quota of -1) adds nothing, so such a
+    /// pod keeps the default shape and its warm-start template.
+    fn pod_resources(&self, annotations: &HashMap<String, String>) -> Result<VmSize, ConfigError> {
+        let number = |key: &str| -> Result<i64, ConfigError> {
+            let Some(value) = annotations.get(key) else { return Ok(0) };
+            value.trim().parse::<i64>().map_err(|_| ConfigError::Annotation {
+                key: key.to_string(),
+                reason: format!("{value:?} is not a whole number"),
+            })
+        };
+        let (quota, period, memory) =
+            (number(CRI_SANDBOX_CPU_QUOTA)?, number(CRI_SANDBOX_CPU_PERIOD)?, number(CRI_SANDBOX_MEMORY)?);
+        let extra_vcpus = if quota > 0 && period > 0 { (quota as u64).div_ceil(period as u64) } else { 0 };
+        let extra_mib = if memory > 0 { (memory as u64).div_ceil(1 << 20) } else { 0 };
+        let vcpus = (u64::from(self.vcpus) + extra_vcpus).min(u64::from(self.max_vcpus));
+        let memory_mib = self.memory_mib.saturating_add(extra_mib).min(self.max_memory_mib);
+        Ok(VmSize { vcpus: vcpus as u8, memory_mib })
+    }
+
     /// The kernel parameters every sandbox VM boots with (a template's included, so they
     /// are part of its key): the agent's log level, read by the agent at boot, then
     /// `hypervisor.kernel_params`.
@@ -237,6 +298,7 @@ impl Config {
         format!(
             "# configuration file: {source}\n\
              [hypervisor]\nvmm = {:?}\nkernel = {:?}\ninitramfs = {:?}\nvcpus = {}\nmemory_mib = {}\n\
+             max_vcpus = {}\nmax_memory_mib = {}\n\
              kernel_params = {:?}\ncpu_template = {:?}\n\n\
              [agent]\nlog_level = {:?}\nboot_timeout_secs = {}\nrequest_timeout_secs = {}\n\n\
              [runtime]\nsandboxes_dir = {:?}\nshared_fs = {:?}\nwarm_start = {}\ntemplates_dir = {:?}\n",
@@ -245,6 +307,8 @@ impl Config {
             self.initramfs.display().to_string(),
             self.vcpus,
             self.memory_mib,
+            self.max_vcpus,
+            self.max_memory_mib,
             self.kernel_params,
             self.cpu_template,
             self.agent_log_level,
@@ -270,6 +334,23 @@ fn memory(_key: &str, value: i64) -> Result<u64, String> {
         Ok(v) if v >= MIN_MEMORY_MIB => Ok(v),
         _ => Err(format!("{value} MiB: must be at least {MIN_MEMORY_MIB}")),
     }
+}
+
+/// The default `max_vcpus`: the host's CPUs (a VM with more would only contend with itself).
+fn host_cpus() -> u8 {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u8::try_from(n).unwrap_or(MAX_VCPUS).clamp(DEFAULT_VCPUS, MAX_VCPUS)
+}
+
+/// The default `max_memory_mib`: the host's memory (MemTotal), or the default VM size if it
+/// cannot be read.
+fn host_memory_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    kib.map_or(DEFAULT_MEMORY_MIB, |k| (k / 1024).max(DEFAULT_MEMORY_MIB))
 }
 
 fn seconds(key: &str, value: Option<i64>, default: u64) -> Result<Duration, ConfigError> {
@@ -360,6 +441,8 @@ mod tests {
             initramfs = "/i"
             vcpus = 2
             memory_mib = 512
+            max_vcpus = 3
+            max_memory_mib = 2048
             kernel_params = "quiet"
             cpu_template = "none"
             [agent]
@@ -376,6 +459,7 @@ mod tests {
         .expect("valid");
         assert_eq!(c.vmm, Path::new("/opt/vmm"));
         assert_eq!((c.vcpus, c.memory_mib, c.kernel_params.as_str()), (2, 512, "quiet"));
+        assert_eq!((c.max_vcpus, c.max_memory_mib), (3, 2048));
         assert_eq!((c.cpu_template.as_str(), c.agent_log_level.as_str()), ("none", "debug"));
         assert_eq!((c.boot_timeout.as_secs(), c.request_timeout.as_secs()), (5, 7));
         assert_eq!(c.sandboxes_dir, Path::new("/tmp/sb"));
@@ -425,5 +509,31 @@ mod tests {
         }
         let err = c.vm_size(&ann(&[("io.nestbox.cpus", "2")])).expect_err("unknown").to_string();
         assert!(err.contains("io.nestbox.cpus") && err.contains("unknown"), "{err}");
+    }
+
+    #[test]
+    fn pod_resources_size_the_vm_within_bounds() {
+        let c =
+            parse("[hypervisor]\nvcpus = 1\nmemory_mib = 256\nmax_vcpus = 4\nmax_memory_mib = 1024").expect("valid");
+        let ann = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let size = |pairs: &[(&str, &str)]| c.vm_size(&ann(pairs)).expect("valid");
+        let (quota, period, memory) = (CRI_SANDBOX_CPU_QUOTA, CRI_SANDBOX_CPU_PERIOD, CRI_SANDBOX_MEMORY);
+        // 1.5 CPUs round up to 2 more vCPUs; 300 MiB of limits add 300 MiB.
+        let want = VmSize { vcpus: 3, memory_mib: 556 };
+        assert_eq!(size(&[(quota, "150000"), (period, "100000"), (memory, "314572800")]), want);
+        // No limits (containerd writes zeros, or -1 for an unlimited quota): the default shape.
+        let default = VmSize { vcpus: 1, memory_mib: 256 };
+        assert_eq!(size(&[(quota, "0"), (period, "100000"), (memory, "0")]), default);
+        assert_eq!(size(&[(quota, "-1"), (period, "100000")]), default);
+        // Capped at the configured maximum; an io.nestbox.* annotation still has the last word.
+        assert_eq!(
+            size(&[(quota, "900000"), (period, "100000"), (memory, "8589934592")]),
+            VmSize { vcpus: 4, memory_mib: 1024 }
+        );
+        assert_eq!(size(&[(memory, "8589934592"), (ANNOTATION_MEMORY_MIB, "300")]).memory_mib, 300);
+        let err = c.vm_size(&ann(&[(memory, "lots")])).expect_err("bad value").to_string();
+        assert!(err.contains(CRI_SANDBOX_MEMORY) && err.contains("lots"), "{err}");
+        let err = parse("[hypervisor]\nvcpus = 2\nmax_vcpus = 1").expect_err("max below").to_string();
+        assert!(err.contains("hypervisor.max_vcpus"), "{err}");
     }
 }

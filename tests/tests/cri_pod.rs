@@ -12,8 +12,13 @@
 //!   are seen in `two` and `three`; `one` and `two` see each other's processes and the pause
 //!   process as PID 1, `three` sees neither; a file `one` writes to the emptyDir is read by
 //!   `two` and on the host;
-//! - ExecSync output and exit codes, ContainerStatus, ListContainers, StopContainer,
-//!   RemoveContainer, StopPodSandbox, RemovePodSandbox, and then nothing left: no pod, no
+//! - the pod's sysctls (an IPC and a network one) are seen in every container;
+//! - ExecSync output and exit codes, an ExecSync past its timeout killed and reported in
+//!   time, non-zero ContainerStats, ContainerStatus, ListContainers;
+//! - StopContainer honours its timeout: a process that dies of SIGTERM stops well inside
+//!   it, one that ignores SIGTERM (a PID 1) is killed at the deadline and the call returns
+//!   soon after;
+//! - RemoveContainer, StopPodSandbox, RemovePodSandbox, and then nothing left: no pod, no
 //!   sandbox directory, no VMM, no shim, no mount (the pod's network namespace included).
 //!
 //! The pod's network itself is checked by `cri_network`. The nestbox pod is restored from
@@ -38,7 +43,12 @@ const WORKLOADS: [(&str, &str); 3] = [("one", "3601"), ("two", "3602"), ("three"
 /// Facts a container reports about itself, one `key=value` line each.
 const FACTS: &str = "echo kernel=$(uname -r); echo hostname=$(hostname); \
     for n in net ipc uts pid; do echo $n=$(/bin/busybox readlink /proc/self/ns/$n); done; \
-    echo pid1=$(cat /proc/1/cmdline | /bin/busybox tr '\\0' ' ')";
+    echo pid1=$(cat /proc/1/cmdline | /bin/busybox tr '\\0' ' '); \
+    echo sysctls=$(cat /proc/sys/fs/mqueue/msg_max /proc/sys/net/ipv4/ip_unprivileged_port_start)";
+/// The pod's sysctls (PodSandboxConfig.linux.sysctls: an IPC one and a network one, neither
+/// the kernel's default) and how FACTS prints them.
+const SYSCTLS: [(&str, &str); 2] = [("fs.mqueue.msg_max", "97"), ("net.ipv4.ip_unprivileged_port_start", "999")];
+const SYSCTLS_SEEN: &str = "97 999";
 
 struct Pod<'a> {
     c: &'a Containerd,
@@ -123,6 +133,9 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     let shared_pid = namespaces(NamespaceMode::Pod, NamespaceMode::Pod, NamespaceMode::Pod);
     let mut sandbox = pod_config(&format!("ns-{handler}"), &std::process::id().to_string(), &logs, shared_pid);
     sandbox.hostname = HOSTNAME.into();
+    if let Some(linux) = sandbox.linux.as_mut() {
+        linux.sysctls = SYSCTLS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
     let p = Pod { c: &c, deadline };
     let pod = cri.run_pod_sandbox(&sandbox, handler, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
     let mut ids = HashMap::new();
@@ -150,6 +163,8 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     assert_eq!((hi.stdout.as_str(), hi.exit_code), ("hi\n", 0), "{hi:?}");
     let failing = cri.exec_sync(one, &["sh", "-c", "echo oops >&2; exit 3"], 0, deadline).expect("ExecSync");
     assert_eq!((failing.stderr.as_str(), failing.exit_code), ("oops\n", 3), "{failing:?}");
+    check_exec_timeout(&p, one);
+    check_stats(&p, one);
     let mut listed: Vec<String> =
         cri.list_containers(Some(&pod), QUICK).expect("ListContainers").into_iter().map(|c| c.id).collect();
     listed.sort();
@@ -157,8 +172,15 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     want.sort();
     assert_eq!(listed, want);
 
-    for id in [three, two, one] {
-        cri.stop_container(id, 10, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+    // three's sleep is PID 1 of its own PID namespace: SIGTERM (no handler) does nothing to
+    // it, so it lives until the SIGKILL at the deadline. two's and one's die of SIGTERM.
+    for (id, grace, bound) in
+        [(three, STOP_GRACE, STOP_GRACE + STOP_SLACK), (two, 60, STOP_SLACK), (one, 60, STOP_SLACK)]
+    {
+        let started = Instant::now();
+        cri.stop_container(id, grace, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(bound as u64), "StopContainer({grace} s) took {took:?}\n{}", p.context());
         let status = cri.container_status(id, QUICK).expect("ContainerStatus");
         assert_eq!(status.state, ContainerState::ContainerExited as i32, "{status:?}");
         cri.remove_container(id, deadline).expect("RemoveContainer");
@@ -174,6 +196,30 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     assert!(mounts.is_empty(), "mounts left (rootfs, the pod's network namespace): {mounts:?}");
 }
 
+/// StopContainer's timeout for a process that ignores SIGTERM, and what a stop may take
+/// beyond the signal that ends the process (the exit's way out of the guest, containerd).
+const STOP_GRACE: i64 = 2;
+const STOP_SLACK: i64 = 30;
+
+/// An ExecSync past its timeout: the process is killed, the call fails naming the timeout,
+/// and it returns soon after the deadline, not when the process would have ended.
+fn check_exec_timeout(p: &Pod, container: &str) {
+    let started = Instant::now();
+    let err = p.c.cri().exec_sync(container, &["sleep", "600"], STOP_GRACE, p.deadline).expect_err("past its timeout");
+    let took = started.elapsed();
+    assert!(err.to_string().contains("timeout"), "{err}");
+    assert!(took < Duration::from_secs((STOP_GRACE + STOP_SLACK) as u64), "ExecSync took {took:?}\n{}", p.context());
+    assert!(!p.exec(container, &["ps"]).contains("sleep 600"), "the timed-out exec was killed");
+}
+
+/// ContainerStats of a running container: CPU time and memory in use, both non-zero.
+fn check_stats(p: &Pod, container: &str) {
+    let stats = p.c.cri().container_stats(container, QUICK).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+    let cpu = stats.cpu.as_ref().and_then(|c| c.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value);
+    let memory = stats.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref()).map_or(0, |v| v.value);
+    assert!(cpu > 0 && memory > 0, "non-zero CPU and memory: {stats:?}");
+}
+
 /// One kernel, the pod's hostname and namespaces; PID namespaces as asked.
 fn check_namespaces(p: &Pod, handler: &str, [one, two, three]: [&str; 3]) {
     let facts = [one, two, three].map(|id| p.facts(id));
@@ -181,6 +227,7 @@ fn check_namespaces(p: &Pod, handler: &str, [one, two, three]: [&str; 3]) {
     for f in &facts {
         assert_eq!(f["kernel"], facts[0]["kernel"], "one kernel for the pod: {facts:?}");
         assert_eq!(f["hostname"], HOSTNAME, "the pod's hostname: {facts:?}");
+        assert_eq!(f["sysctls"], SYSCTLS_SEEN, "the pod's sysctls: {facts:?}");
         for ns in ["net", "ipc", "uts"] {
             assert_eq!(f[ns], facts[0][ns], "the pod's {ns} namespace: {facts:?}");
         }

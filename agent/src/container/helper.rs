@@ -95,16 +95,25 @@ fn build_container(spec: &Spec) -> Result<()> {
     let linux = spec.linux().as_ref();
     let namespaces: &[LinuxNamespace] = linux.and_then(|l| l.namespaces().as_deref()).unwrap_or_default();
     join_namespaces(namespaces)?;
+    // Before the root file system: the container's /proc/sys is read-only once its
+    // read-only paths are applied (containerd lists /proc/sys), and the agent's /proc is
+    // still here. A namespaced sysctl written through it lands in the writer's namespaces,
+    // which are the container's (the pod's network and IPC namespaces for a CRI pod).
+    for (key, value) in linux.and_then(|l| l.sysctl().as_ref()).into_iter().flatten() {
+        std::fs::write(sysctl_path(key), value).with_context(|| format!("sysctl {key}={value}"))?;
+    }
     let root = spec.root().as_ref().ok_or_else(|| anyhow!("the spec has no root"))?;
     mounts::setup_rootfs(spec, root.path()).context("setting up the root file system")?;
     if namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Uts) {
         set_host_names(spec)?;
     }
-    for (key, value) in linux.and_then(|l| l.sysctl().as_ref()).into_iter().flatten() {
-        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-        std::fs::write(&path, value).with_context(|| format!("sysctl {key}={value}"))?;
-    }
     Ok(())
+}
+
+/// The /proc/sys file of a sysctl key: dots become slashes (as runc does), so a key
+/// cannot climb out of /proc/sys with "..".
+fn sysctl_path(key: &str) -> PathBuf {
+    PathBuf::from("/proc/sys").join(key.replace('.', "/").trim_start_matches('/'))
 }
 
 /// Joins the IPC, UTS and cgroup namespaces the spec names by path (the agent refused any

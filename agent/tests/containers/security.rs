@@ -61,10 +61,15 @@ fn read_only_rootfs_masked_and_read_only_paths() {
     let agent = Agent::start();
     let rootfs = agent.rootfs("rootfs");
     let script = "exec 2>&1; touch /x; touch /tmp/ok && echo tmp-writable; wc -c < /proc/cmdline; \
-                  echo x > /proc/sys/kernel/domainname; ls /sys/firmware | wc -l";
+                  echo x > /proc/sys/kernel/domainname; ls /sys/firmware | wc -l; \
+                  cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max";
     let mut spec = agent.spec(&rootfs, &["sh", "-c", script]);
     spec["root"]["readonly"] = json!(true);
     spec["linux"]["maskedPaths"].as_array_mut().unwrap().push(json!("/proc/cmdline"));
+    // Sysctls are applied although /proc/sys is read-only for the program (as containerd
+    // lists it), in the container's own IPC namespace: the host's values stay.
+    spec["linux"]["sysctl"] = json!({"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "97"});
+    let host_msg_max = std::fs::read_to_string("/proc/sys/fs/mqueue/msg_max").expect("host msg_max");
     let (_, out, _) = agent.run("ro", &spec);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].contains("Read-only file system"), "{out}");
@@ -72,5 +77,7 @@ fn read_only_rootfs_masked_and_read_only_paths() {
     assert_eq!(lines[2].trim(), "0", "masked /proc/cmdline reads empty: {out}");
     assert!(lines[3].contains("Read-only file system"), "{out}");
     assert_eq!(lines[4].trim(), "0", "masked /sys/firmware is empty: {out}");
+    assert_eq!(&lines[5..], ["1", "97"], "sysctls: {out}");
+    assert_eq!(std::fs::read_to_string("/proc/sys/fs/mqueue/msg_max").expect("host msg_max"), host_msg_max);
     assert!(!rootfs.join("x").exists());
 }
