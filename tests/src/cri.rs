@@ -157,6 +157,26 @@ impl Cri {
         self.call("StopContainer", deadline, |mut c| async move { c.stop_container(request).await }).map(drop)
     }
 
+    /// New resources for a running container (kubelet's in-place update).
+    pub fn update_container_resources(
+        &self,
+        container: &str,
+        linux: api::LinuxContainerResources,
+        deadline: Duration,
+    ) -> Result<()> {
+        let request = api::UpdateContainerResourcesRequest {
+            container_id: container.into(),
+            linux: Some(linux),
+            ..Default::default()
+        };
+        self.call(
+            "UpdateContainerResources",
+            deadline,
+            |mut c| async move { c.update_container_resources(request).await },
+        )
+        .map(drop)
+    }
+
     pub fn remove_container(&self, container: &str, deadline: Duration) -> Result<()> {
         let request = api::RemoveContainerRequest { container_id: container.into() };
         self.call("RemoveContainer", deadline, |mut c| async move { c.remove_container(request).await }).map(drop)

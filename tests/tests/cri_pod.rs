@@ -14,7 +14,8 @@
 //!   `two` and on the host;
 //! - the pod's sysctls (an IPC and a network one) are seen in every container;
 //! - ExecSync output and exit codes, an ExecSync past its timeout killed and reported in
-//!   time, non-zero ContainerStats, ContainerStatus, ListContainers;
+//!   time, non-zero ContainerStats, UpdateContainerResources (nestbox: the new memory limit
+//!   in the container's cgroup in the guest), ContainerStatus, ListContainers;
 //! - StopContainer honours its timeout: a process that dies of SIGTERM stops well inside
 //!   it, one that ignores SIGTERM (a PID 1) is killed at the deadline and the call returns
 //!   soon after;
@@ -165,6 +166,7 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     assert_eq!((failing.stderr.as_str(), failing.exit_code), ("oops\n", 3), "{failing:?}");
     check_exec_timeout(&p, one);
     check_stats(&p, one);
+    check_update(&p, handler, two);
     let mut listed: Vec<String> =
         cri.list_containers(Some(&pod), QUICK).expect("ListContainers").into_iter().map(|c| c.id).collect();
     listed.sort();
@@ -218,6 +220,21 @@ fn check_stats(p: &Pod, container: &str) {
     let cpu = stats.cpu.as_ref().and_then(|c| c.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value);
     let memory = stats.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref()).map_or(0, |v| v.value);
     assert!(cpu > 0 && memory > 0, "non-zero CPU and memory: {stats:?}");
+}
+
+/// UpdateContainerResources with a new memory limit: containerd accepts it and, for nestbox,
+/// the container's cgroup in the guest (cgroup v2) has it. (runc here runs on the host's
+/// cgroup v1, whose files the container sees differently: only the call is checked.)
+fn check_update(p: &Pod, handler: &str, container: &str) {
+    let limit: i64 = 96 << 20;
+    let resources = api::LinuxContainerResources { memory_limit_in_bytes: limit, ..Default::default() };
+    p.c.cri()
+        .update_container_resources(container, resources, p.deadline)
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+    if handler == "nestbox" {
+        let script = "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max";
+        assert_eq!(p.exec(container, &["sh", "-c", script]).trim(), limit.to_string(), "memory.max in the guest");
+    }
 }
 
 /// One kernel, the pod's hostname and namespaces; PID namespaces as asked.
