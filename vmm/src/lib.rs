@@ -13,12 +13,14 @@
 //! - [`vmm`]: the running VM ([`Vmm`]) and the [`vmm::VmControl`] handle to it.
 //! - [`builder`]: configuration or snapshot → running VM (boot and restore paths).
 //! - [`api`]: the control socket, which parses requests and holds only a `VmControl`.
+//! - [`jail`]: the confinement `main` enters before the VM starts (mounts, cgroup, capabilities).
 
 pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod jail;
 pub mod snapshot;
 pub mod util;
 pub mod vmm;

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use nestbox_vmm::arch::x86_64::cpuid::CpuTemplate;
 use nestbox_vmm::config::{self, FileConfig, VmConfig};
+use nestbox_vmm::jail::{self, JailArgs, JailPlan};
 use nestbox_vmm::{api, build_and_start, restore_and_start, snapshot, RunOptions, VmExit};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,6 +89,8 @@ struct Cli {
     /// Print CLOCK_MONOTONIC timestamps of start-up milestones to stderr.
     #[arg(long)]
     boot_timestamps: bool,
+    #[command(flatten)]
+    jail: JailArgs,
 }
 
 impl Cli {
@@ -118,15 +121,25 @@ fn run(cli: Cli) -> anyhow::Result<VmExit> {
     let host_memory = config::host_memory_mib().context("reading the host's memory size")?;
     let mut settings = file.merge(cli.settings());
     let options = RunOptions { boot_timestamps: cli.boot_timestamps };
-    let mut vmm = match &cli.restore {
-        None => build_and_start(&VmConfig::build(settings, host_memory)?, options)?,
+    let (mut config, state) = match &cli.restore {
+        None => (VmConfig::build(settings, host_memory)?, None),
         Some(dir) => {
             let state = snapshot::read_state(dir)?;
             settings.vcpus.get_or_insert(state.vcpus.len().try_into().unwrap_or(u8::MAX));
             settings.memory_mib.get_or_insert(state.memory_mib);
             state.apply_devices(dir, &mut settings)?;
-            restore_and_start(&VmConfig::build(settings, host_memory)?, dir, state, options)?
+            (VmConfig::build(settings, host_memory)?, Some(state))
         }
+    };
+    if cli.jail.jail {
+        // Whether KVM is software-nested is read from /sys, which the jail does not have.
+        config.cpu_template = config.cpu_template.resolve();
+        let plan = JailPlan::new(&cli.jail, &config, cli.restore.as_deref(), cli.api_socket.as_deref());
+        jail::enter(&plan)?;
+    }
+    let mut vmm = match (&cli.restore, state) {
+        (Some(dir), Some(state)) => restore_and_start(&config, dir, state, options)?,
+        _ => build_and_start(&config, options)?,
     };
     if let Some(path) = &cli.api_socket {
         api::serve(path, vmm.control()).with_context(|| format!("control API socket {}", path.display()))?;
