@@ -20,6 +20,7 @@ pub mod agent;
 mod connect;
 mod console;
 mod error;
+pub mod jail;
 pub mod mounts;
 pub mod network;
 mod paths;

@@ -7,6 +7,7 @@
 //! supervising thread itself spawns the VMM and lives exactly as long as it.
 
 use super::agent::FS_TAG;
+use super::jail::{self, JailSpec};
 use super::paths::SandboxPaths;
 use crate::config::{Config, VmSize};
 use std::fs::File;
@@ -53,6 +54,8 @@ pub struct VmmSpec {
     /// The pod's tap for that device (`--net-tap-fd`): a descriptor of the shim, which the
     /// child inherits (see [`Vmm::spawn`]); without it the device has no backend.
     pub net_tap_fd: Option<RawFd>,
+    /// Confine the VMM (`--jail`) in this cgroup, with these limits.
+    pub jail: Option<JailSpec>,
 }
 
 impl VmmSpec {
@@ -76,6 +79,11 @@ impl VmmSpec {
             restore: None,
             net_mac: Some(GUEST_NET_MAC.to_string()),
             net_tap_fd: None,
+            jail: config.jail.then(|| {
+                // The sandbox's directory is named after it (a template's after its key).
+                let name = paths.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                JailSpec::new(&config.cgroup_parent, &name, size.vcpus, config.oom_score_adj)
+            }),
         }
     }
 
@@ -105,6 +113,9 @@ impl VmmSpec {
         }
         if let Some(fd) = self.net_tap_fd {
             cmd.arg("--net-tap-fd").arg(fd.to_string());
+        }
+        if let Some(jail) = &self.jail {
+            cmd.args(jail.args());
         }
         cmd
     }
@@ -137,6 +148,8 @@ pub enum VmmError {
     Spawn { binary: PathBuf, source: std::io::Error },
     #[error("starting the VMM's supervisor thread: {0}")]
     Thread(std::io::Error),
+    #[error("preparing the VMM's jail: {0}")]
+    Jail(String),
 }
 
 struct State {
@@ -155,6 +168,10 @@ impl Vmm {
     /// for whatever reason (including [`Vmm::kill`]).
     pub fn spawn(spec: &VmmSpec, on_exit: Box<dyn FnOnce(ExitStatus) + Send>) -> Result<Vmm, VmmError> {
         let log = File::create(&spec.log).map_err(|source| VmmError::Log { path: spec.log.clone(), source })?;
+        if spec.jail.is_some() {
+            jail::share_mounts_below(&spec.shared_dir).map_err(VmmError::Jail)?;
+        }
+        let jail_spec = spec.jail.clone();
         let mut cmd = spec.command();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let tap = spec.net_tap_fd;
@@ -189,9 +206,14 @@ impl Vmm {
                         return;
                     }
                 };
-                let _ = started_tx.send(Ok(child.id()));
+                let pid = child.id();
+                let _ = started_tx.send(Ok(pid));
                 lock(&supervised.0).child = Some(child);
                 let status = supervise(&supervised);
+                if let Some(jail) = jail_spec {
+                    report_seccomp_kill(pid, status);
+                    jail.remove_cgroup();
+                }
                 on_exit(status);
             })
             .map_err(VmmError::Thread)?;
@@ -241,6 +263,19 @@ impl Vmm {
         }
         state.exit
     }
+}
+
+/// A VMM that made a system call its seccomp filter does not allow is killed with SIGSYS:
+/// say so, with the call where the kernel's audit record names it.
+fn report_seccomp_kill(pid: u32, status: ExitStatus) {
+    if status.signal() != Some(libc::SIGSYS) {
+        return;
+    }
+    let syscall = match jail::seccomp_kill_syscall(pid) {
+        Some(nr) => format!("system call {nr} (x86_64)"),
+        None => "a system call the kernel did not log (no audit record: audit is disabled on this host)".into(),
+    };
+    log::error!("the VMM (pid {pid}) was killed by its seccomp filter (SIGSYS): it made {syscall} that its filter does not allow");
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -327,6 +362,7 @@ mod tests {
             restore: None,
             net_mac: Some(GUEST_NET_MAC.into()),
             net_tap_fd: None,
+            jail: None,
         }
     }
 
