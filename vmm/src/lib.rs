@@ -4,6 +4,7 @@
 //!
 //! Layers, bottom to top; a module imports only from layers below it (and `util`):
 //! - [`util`]: small helpers, no crate imports.
+//! - [`seccomp`]: per-thread filters and the device launcher; imports nothing of the crate.
 //! - [`arch`]: the x86_64 boot details (layout, PVH, MP table, CPUID, registers).
 //! - [`devices`]: the buses and emulated hardware, each device's saved state beside it.
 //! - [`vstate`]: the KVM objects (kvm, memory, vm, vcpu), each with its saved state; vCPU
@@ -21,6 +22,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod jail;
+pub mod seccomp;
 pub mod snapshot;
 pub mod util;
 pub mod vmm;

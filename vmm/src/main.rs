@@ -5,6 +5,7 @@ use clap::Parser;
 use nestbox_vmm::arch::x86_64::cpuid::CpuTemplate;
 use nestbox_vmm::config::{self, FileConfig, VmConfig};
 use nestbox_vmm::jail::{self, JailArgs, JailPlan};
+use nestbox_vmm::seccomp::{self, ThreadKind};
 use nestbox_vmm::{api, build_and_start, restore_and_start, snapshot, RunOptions, VmExit};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -136,6 +137,8 @@ fn run(cli: Cli) -> anyhow::Result<VmExit> {
         config.cpu_template = config.cpu_template.resolve();
         let plan = JailPlan::new(&cli.jail, &config, cli.restore.as_deref(), cli.api_socket.as_deref());
         jail::enter(&plan)?;
+        // From here on each thread installs its filter once set up.
+        seccomp::enable(seccomp_mode()?)?;
     }
     let mut vmm = match (&cli.restore, state) {
         (Some(dir), Some(state)) => restore_and_start(&config, dir, state, options)?,
@@ -145,7 +148,29 @@ fn run(cli: Cli) -> anyhow::Result<VmExit> {
         api::serve(path, vmm.control()).with_context(|| format!("control API socket {}", path.display()))?;
         vmm.remove_on_exit(path.clone());
     }
+    seccomp::install(ThreadKind::Main)?;
     Ok(vmm.wait())
+}
+
+/// NESTBOX_VMM_SECCOMP=log: the diagnostic mode of the filters (seccomp::Mode::Log).
+fn seccomp_mode() -> anyhow::Result<seccomp::Mode> {
+    match std::env::var("NESTBOX_VMM_SECCOMP").as_deref() {
+        Err(_) | Ok("") | Ok("kill") => Ok(seccomp::Mode::Kill),
+        Ok("log") => {
+            let file = match std::env::var_os("NESTBOX_VMM_SECCOMP_LOG") {
+                None => None,
+                Some(path) => Some(std::sync::Arc::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .with_context(|| format!("NESTBOX_VMM_SECCOMP_LOG {path:?}"))?,
+                )),
+            };
+            Ok(seccomp::Mode::Log(file))
+        }
+        Ok(other) => anyhow::bail!("NESTBOX_VMM_SECCOMP={other:?}: expected kill or log"),
+    }
 }
 
 fn main() -> ExitCode {

@@ -75,7 +75,8 @@ impl VmmSpec {
             shared_dir: paths.shared.clone(),
             fs_tag: FS_TAG.to_string(),
             log: paths.vmm_log.clone(),
-            api_socket: None,
+            // Pause and snapshot for templates; for tests, the seccomp self-test.
+            api_socket: Some(paths.dir.join("api.sock")),
             restore: None,
             net_mac: Some(GUEST_NET_MAC.to_string()),
             net_tap_fd: None,
