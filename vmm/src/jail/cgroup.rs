@@ -5,7 +5,7 @@
 //! mount v1 controllers next to a controller-less cgroup2 `unified` mount (hybrid).
 //! Plain files under /sys/fs/cgroup: a handful of writes, no daemon, no library.
 
-use super::{io_error, JailError};
+use super::error::{io_error, sys_error, JailError};
 use std::path::{Component, Path, PathBuf};
 
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -37,7 +37,7 @@ pub enum CgroupVersion {
 impl CgroupVersion {
     /// Which hierarchy the jail uses on this host: v2 only if the root is cgroup2.
     pub fn detect(root: &Path) -> Result<CgroupVersion, JailError> {
-        let fs = nix::sys::statfs::statfs(root).map_err(super::sys_error(format!("statfs {}", root.display())))?;
+        let fs = nix::sys::statfs::statfs(root).map_err(sys_error(format!("statfs {}", root.display())))?;
         if fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC {
             return Ok(CgroupVersion::V2);
         }

@@ -2,7 +2,7 @@
 //! holding bind mounts of the VM's files at their host paths, a procfs limited to the
 //! process directories (virtio-fs reopens files through /proc/self/fd), and /dev/kvm.
 
-use super::{io_error, sys_error, JailError};
+use super::error::{io_error, sys_error, JailError};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use std::fs::File;

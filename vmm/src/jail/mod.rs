@@ -12,9 +12,12 @@
 //! them.
 
 mod cgroup;
+mod error;
 mod fs;
 
 pub use cgroup::{Cgroup, CgroupLimits, CgroupVersion};
+pub use error::JailError;
+use error::{io_error, sys_error};
 pub use fs::Bind;
 
 use crate::config::{Console, VmConfig};
@@ -81,29 +84,6 @@ pub struct JailPlan {
     pub binds: Vec<Bind>,
     pub cgroup: Option<Cgroup>,
     pub oom_score_adj: Option<i16>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum JailError {
-    // The cause is in the message, not chained: callers print chains too.
-    #[error("jail: {what}: {error}")]
-    Io { what: String, error: std::io::Error },
-    #[error("jail: {what}: {errno}")]
-    Sys { what: String, errno: nix::Error },
-    #[error("jail: capabilities: {0}")]
-    Caps(#[from] caps::errors::CapsError),
-    #[error("jail: {0}")]
-    Invalid(String),
-}
-
-pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
-    let what = what.into();
-    move |error| JailError::Io { what, error }
-}
-
-pub(crate) fn sys_error(what: impl Into<String>) -> impl FnOnce(nix::Error) -> JailError {
-    let what = what.into();
-    move |errno| JailError::Sys { what, errno }
 }
 
 impl JailPlan {

@@ -1,7 +1,7 @@
 //! The launcher thread: starts device threads on behalf of vCPU threads (see the module
 //! above for why), so a device thread inherits the launcher's filter, not a vCPU's.
 
-use super::{SeccompError, ThreadKind};
+use super::kind::SeccompError;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
 
@@ -9,12 +9,13 @@ type Job = Box<dyn FnOnce() + Send>;
 
 static JOBS: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
 
-pub(super) fn start() -> Result<(), SeccompError> {
+/// Starts the launcher, which first runs `init` (installs its filter).
+pub(super) fn start(init: fn()) -> Result<(), SeccompError> {
     let (tx, rx) = channel::<Job>();
     std::thread::Builder::new()
         .name("launcher".into())
         .spawn(move || {
-            super::install_or_exit(ThreadKind::Launcher);
+            init();
             for job in rx {
                 job();
             }

@@ -10,57 +10,17 @@
 //! to the launcher thread ([`launch`]), whose filter is the device filter plus thread
 //! creation, and keep the narrow vCPU filter.
 
+mod kind;
 mod launcher;
 mod syscalls;
 
+pub use kind::{SeccompError, ThreadKind};
 pub use launcher::launch;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
-
-/// The kinds of VMM thread, each with its own filter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ThreadKind {
-    /// The main thread: builds the VM, then waits for its end and serves control
-    /// requests (pause, snapshot files, shutdown).
-    Main,
-    /// A vCPU: KVM_RUN and the device registers it traps into.
-    Vcpu,
-    /// A device's worker (vsock, net, virtio-fs): queues, sockets, the tap, host files.
-    Device,
-    /// Starts device threads for the vCPUs.
-    Launcher,
-    /// The control API socket.
-    Api,
-}
-
-impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] =
-        [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Launcher, ThreadKind::Api];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ThreadKind::Main => "main",
-            ThreadKind::Vcpu => "vcpu",
-            ThreadKind::Device => "device",
-            ThreadKind::Launcher => "launcher",
-            ThreadKind::Api => "api",
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SeccompError {
-    #[error("building the {kind} seccomp filter: {reason}")]
-    Build { kind: &'static str, reason: String },
-    #[error("installing the {kind} seccomp filter: {reason}")]
-    Install { kind: &'static str, reason: String },
-    #[error("starting the device launcher thread: {0}")]
-    Launcher(std::io::Error),
-}
 
 /// What a call outside the list does.
 #[derive(Debug, Clone)]
@@ -77,11 +37,6 @@ pub enum Mode {
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static FILTERS: OnceLock<BTreeMap<ThreadKind, BpfProgram>> = OnceLock::new();
 
-thread_local! {
-    /// This thread's kind, for the diagnostic handler.
-    static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
-}
-
 /// Builds every filter (so no thread can fail to build its own later) and turns filtering
 /// on for the threads that start from now on; starts the device launcher.
 pub fn enable(mode: Mode) -> Result<(), SeccompError> {
@@ -95,7 +50,7 @@ pub fn enable(mode: Mode) -> Result<(), SeccompError> {
         syscalls::install_log_handler(file);
     }
     ENABLED.store(true, Ordering::Release);
-    launcher::start()
+    launcher::start(|| install_or_exit(ThreadKind::Launcher))
 }
 
 pub fn enabled() -> bool {
@@ -110,7 +65,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(filter) = FILTERS.get().and_then(|f| f.get(&kind)) else {
         return Err(SeccompError::Install { kind: kind.name(), reason: "filters not built".into() });
     };
-    KIND.with(|k| k.set(Some(kind)));
+    kind::set_current(kind);
     seccompiler::apply_filter(filter).map_err(|e| SeccompError::Install { kind: kind.name(), reason: e.to_string() })
 }
 
@@ -135,11 +90,6 @@ pub fn build(kind: ThreadKind, mode: &Mode) -> Result<BpfProgram, SeccompError> 
     filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| SeccompError::Build { kind: kind.name(), reason: e.to_string() })
-}
-
-/// The current thread's kind, if it installed a filter.
-pub(crate) fn current_kind() -> Option<ThreadKind> {
-    KIND.with(Cell::get)
 }
 
 /// For the control API's hidden self-test: a system call no filter allows. Without a

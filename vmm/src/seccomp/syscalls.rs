@@ -2,7 +2,7 @@
 //! the VMM through the real suites (boot, restore, snapshot, vsock, virtio-fs, net, the
 //! control API), and the diagnostic SIGSYS handler of [`super::Mode::Log`].
 
-use super::ThreadKind;
+use super::kind::{self, ThreadKind};
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -219,7 +219,7 @@ extern "C" fn log_forbidden(_: libc::c_int, info: *mut libc::siginfo_t, context:
     // SAFETY: for SIGSYS the kernel fills siginfo's _sigsys member: the call's address
     // (8 bytes at offset 16), then its number (4 bytes at offset 24).
     let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(24) as *const i32) };
-    let kind = super::current_kind().map_or("unfiltered", ThreadKind::name);
+    let kind = kind::current().map_or("unfiltered", ThreadKind::name);
     let mut buf = [0u8; 128];
     let mut len = 0;
     for part in [b"nestbox-vmm: seccomp: ".as_slice(), kind.as_bytes(), b" thread made system call ".as_slice()] {
