@@ -84,10 +84,14 @@ pub fn cgroup_version() -> Result<&'static str, String> {
 pub fn share_mounts_below(dir: &Path) -> Result<(), String> {
     let fail = |what: &str, e: nix::Error| format!("{what} {}: {e}", dir.display());
     if !is_mount_point(dir).map_err(|e| format!("reading the mount table: {e}"))? {
-        nix::mount::mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        // Recursive: the pod's first rootfs is mounted below before the VMM starts, and a
+        // plain bind would hide it.
+        nix::mount::mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
             .map_err(|e| fail("binding onto itself", e))?;
     }
-    nix::mount::mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+    // Recursive too, so that unmounting a container's rootfs on the host also reaches the
+    // VMM's copy of it.
+    nix::mount::mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>)
         .map_err(|e| fail("making shared", e))
 }
 
@@ -190,19 +194,28 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_becomes_a_shared_mount_point_once() {
+    fn a_directory_becomes_a_shared_mount_point_once_keeping_what_is_mounted_below() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = dir.path().join("shared");
-        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::create_dir_all(shared.join("c1/rootfs")).expect("mkdir");
+        std::fs::create_dir(dir.path().join("data")).expect("mkdir");
+        std::fs::write(dir.path().join("data/f"), "in the rootfs").expect("write");
+        let bind = |src: &Path, dst: &Path| {
+            nix::mount::mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>).expect("bind");
+        };
+        bind(&dir.path().join("data"), &shared.join("c1/rootfs"));
         assert!(!is_mount_point(&shared).expect("mountinfo"));
         share_mounts_below(&shared).expect("shared");
+        let rootfs_file = shared.join("c1/rootfs/f");
+        assert_eq!(std::fs::read_to_string(&rootfs_file).expect("still visible"), "in the rootfs");
         share_mounts_below(&shared).expect("again: no second bind");
         let table = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
         let ours: Vec<&str> =
             table.lines().filter(|l| l.split(' ').nth(4) == Some(shared.to_str().expect("utf-8"))).collect();
         assert_eq!(ours.len(), 1, "{ours:?}");
         assert!(ours[0].contains(" shared:"), "{ours:?}");
-        nix::mount::umount2(&shared, nix::mount::MntFlags::MNT_DETACH).expect("unmount");
+        super::super::mounts::unmount_under(dir.path()).expect("unmount");
+        assert!(!rootfs_file.exists(), "everything unmounted");
     }
 
     #[test]
