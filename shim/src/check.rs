@@ -163,7 +163,7 @@ fn check_jail(config: &Config) -> Finding {
             Outcome::Ok,
             format!(
                 "mount namespace, seccomp filters, cgroup {version} ({}) under {:?}",
-                if version == "v2" { "memory, pids, cpu" } else { "v1 memory, pids and cpu controllers" },
+                if version == "v2" { "memory, pids, cpu" } else { "the memory, pids and cpu controllers' hierarchies" },
                 config.cgroup_parent
             ),
         ),
