@@ -136,9 +136,11 @@ fn run(cli: Cli) -> anyhow::Result<VmExit> {
         // Whether KVM is software-nested is read from /sys, which the jail does not have.
         config.cpu_template = config.cpu_template.resolve();
         let plan = JailPlan::new(&cli.jail, &config, cli.restore.as_deref(), cli.api_socket.as_deref());
+        // Before the jail: the diagnostic mode's log file is outside it.
+        let mode = seccomp_mode()?;
         jail::enter(&plan)?;
         // From here on each thread installs its filter once set up.
-        seccomp::enable(seccomp_mode()?)?;
+        seccomp::enable(mode)?;
     }
     let mut vmm = match (&cli.restore, state) {
         (Some(dir), Some(state)) => restore_and_start(&config, dir, state, options)?,
