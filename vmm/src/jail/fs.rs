@@ -15,14 +15,19 @@ use std::path::{Path, PathBuf};
 /// (a test's temporary directory) still binds.
 const STAGING: &str = "/tmp";
 
+/// In order of precedence when one path is asked for twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum BindKind {
-    /// Read only, nosuid, nodev, noexec.
-    ReadOnly,
-    /// Writable, recursive (mounts below it come along), flags as on the host.
+    /// A directory with what is mounted below it (recursive), flags as on the host: the
+    /// shared directory, whose containers' mounts also come in later.
+    Tree,
+    /// A directory without the mounts below it, writable (the VMM creates its sockets and
+    /// console log there): the sandbox directory, but not the host-only trees in it.
     Writable,
     /// A device node (/dev/kvm): as on the host.
     Device,
+    /// Read only, nosuid, nodev, noexec.
+    ReadOnly,
 }
 
 /// A host file or directory mounted at the same path inside the jail.
@@ -42,16 +47,18 @@ impl Bind {
     pub fn device(source: &Path) -> Bind {
         Bind { source: source.to_path_buf(), kind: BindKind::Device }
     }
+    pub fn tree(source: &Path) -> Bind {
+        Bind { source: source.to_path_buf(), kind: BindKind::Tree }
+    }
 }
 
-/// Sorted by path, without duplicates and without what a writable (recursive) bind of a
-/// directory above already brings in.
+/// Sorted by path (a directory before what is bound inside it), one bind per path (the
+/// kind first in [`BindKind`]'s order), and nothing a [`BindKind::Tree`] above brings in.
 pub fn minimal(mut binds: Vec<Bind>) -> Vec<Bind> {
     binds.sort();
     binds.dedup_by(|b, a| a.source == b.source);
-    let writable: Vec<PathBuf> =
-        binds.iter().filter(|b| b.kind == BindKind::Writable).map(|b| b.source.clone()).collect();
-    binds.retain(|b| !writable.iter().any(|w| b.source != *w && b.source.starts_with(w)));
+    let trees: Vec<PathBuf> = binds.iter().filter(|b| b.kind == BindKind::Tree).map(|b| b.source.clone()).collect();
+    binds.retain(|b| !trees.iter().any(|t| b.source != *t && b.source.starts_with(t)));
     binds
 }
 
@@ -113,8 +120,8 @@ fn bind_into(root: &Path, bind: &Bind, fd: &OwnedFd) -> Result<(), JailError> {
     // The O_PATH descriptor names exactly the file opened before the tmpfs covered STAGING.
     let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
     let flags = match bind.kind {
-        BindKind::Writable => MsFlags::MS_BIND | MsFlags::MS_REC,
-        BindKind::ReadOnly | BindKind::Device => MsFlags::MS_BIND,
+        BindKind::Tree => MsFlags::MS_BIND | MsFlags::MS_REC,
+        BindKind::Writable | BindKind::ReadOnly | BindKind::Device => MsFlags::MS_BIND,
     };
     mount(Some(source.as_str()), &target, None::<&str>, flags, None::<&str>).map_err(sys_error(what()))?;
     if bind.kind == BindKind::ReadOnly {
@@ -147,19 +154,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn minimal_drops_what_a_writable_directory_above_brings_in() {
+    fn minimal_keeps_parents_first_and_drops_what_a_tree_above_brings_in() {
         let binds = minimal(vec![
-            Bind::writable(Path::new("/sb/pod/shared")),
+            Bind::tree(Path::new("/sb/pod/shared")),
             Bind::writable(Path::new("/sb/pod")),
             Bind::writable(Path::new("/sb/pod")),
+            Bind::read_only(Path::new("/sb/pod/shared/x")),
             Bind::read_only(Path::new("/sb/pod-other/k")),
             Bind::device(Path::new("/dev/kvm")),
+            Bind::writable(Path::new("/cli/dir")),
+            Bind::tree(Path::new("/cli/dir")),
         ]);
         assert_eq!(
             binds,
             vec![
+                Bind::tree(Path::new("/cli/dir")),
                 Bind::device(Path::new("/dev/kvm")),
                 Bind::writable(Path::new("/sb/pod")),
+                Bind::tree(Path::new("/sb/pod/shared")),
                 Bind::read_only(Path::new("/sb/pod-other/k")),
             ]
         );

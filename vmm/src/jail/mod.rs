@@ -104,7 +104,7 @@ impl JailPlan {
             binds.push(Bind::writable(&parent_of(file)));
         }
         if let Some(shared) = &config.shared_dir {
-            binds.push(Bind::writable(shared));
+            binds.push(Bind::tree(shared));
         }
         let cgroup = args.jail_cgroup.as_ref().map(|path| Cgroup {
             path: path.clone(),
@@ -203,8 +203,9 @@ mod tests {
                 Bind::device(Path::new("/dev/kvm")),
                 Bind::read_only(Path::new("/guest/initramfs.cpio")),
                 Bind::read_only(Path::new("/guest/vmlinux")),
-                // The shared directory is inside the (recursively bound) sandbox directory.
+                // Without what is mounted in it (host-only trees), but with the shared one.
                 Bind::writable(Path::new("/sb/pod")),
+                Bind::tree(Path::new("/sb/pod/shared")),
             ]
         );
         let cgroup = plan.cgroup.expect("a cgroup");
@@ -220,7 +221,7 @@ mod tests {
             plan.binds,
             vec![
                 Bind::device(Path::new("/dev/kvm")),
-                Bind::writable(Path::new("/elsewhere/share")),
+                Bind::tree(Path::new("/elsewhere/share")),
                 Bind::read_only(Path::new("/tpl/abc")),
             ]
         );

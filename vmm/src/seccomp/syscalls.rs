@@ -137,6 +137,7 @@ const MAIN: &[i64] = &[
     libc::SYS_unlinkat,
     libc::SYS_rename,
     libc::SYS_renameat,
+    libc::SYS_renameat2,
     libc::SYS_getdents64,
 ];
 
