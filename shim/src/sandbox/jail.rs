@@ -83,10 +83,14 @@ pub fn cgroup_version() -> Result<&'static str, String> {
 /// in the jailed VMM's mount namespace, which holds a slave copy of it.
 pub fn share_mounts_below(dir: &Path) -> Result<(), String> {
     let fail = |what: &str, e: nix::Error| format!("{what} {}: {e}", dir.display());
-    if !is_mount_point(dir).map_err(|e| format!("reading the mount table: {e}"))? {
-        // Recursive: the pod's first rootfs is mounted below before the VMM starts, and a
-        // plain bind would hide it.
-        nix::mount::mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+    let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading the mount table: {e}"))?;
+    if !is_mount_point(&table, dir) {
+        // A bind onto itself hides what is mounted below (those mounts would then stay,
+        // unreachable, and keep their directories busy): only on an empty tree.
+        if has_mounts_below(&table, dir) {
+            return Err(format!("{} has mounts below it but is not a mount point itself", dir.display()));
+        }
+        nix::mount::mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .map_err(|e| fail("binding onto itself", e))?;
     }
     // Recursive too, so that unmounting a container's rootfs on the host also reaches the
@@ -95,10 +99,16 @@ pub fn share_mounts_below(dir: &Path) -> Result<(), String> {
         .map_err(|e| fail("making shared", e))
 }
 
-fn is_mount_point(dir: &Path) -> std::io::Result<bool> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let wanted = dir.to_string_lossy();
-    Ok(table.lines().filter_map(|line| line.split(' ').nth(4)).any(|point| unescape(point) == wanted))
+fn mount_points(table: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    table.lines().filter_map(|line| line.split(' ').nth(4)).map(|point| PathBuf::from(unescape(point)))
+}
+
+fn is_mount_point(table: &str, dir: &Path) -> bool {
+    mount_points(table).any(|point| point == dir)
+}
+
+fn has_mounts_below(table: &str, dir: &Path) -> bool {
+    mount_points(table).any(|point| point != dir && point.starts_with(dir))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
@@ -194,7 +204,7 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_becomes_a_shared_mount_point_once_keeping_what_is_mounted_below() {
+    fn a_directory_becomes_a_shared_mount_point_once_before_anything_is_mounted_below() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = dir.path().join("shared");
         std::fs::create_dir_all(shared.join("c1/rootfs")).expect("mkdir");
@@ -203,11 +213,12 @@ mod tests {
         let bind = |src: &Path, dst: &Path| {
             nix::mount::mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>).expect("bind");
         };
-        bind(&dir.path().join("data"), &shared.join("c1/rootfs"));
-        assert!(!is_mount_point(&shared).expect("mountinfo"));
+        let table = || std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        assert!(!is_mount_point(&table(), &shared));
         share_mounts_below(&shared).expect("shared");
+        bind(&dir.path().join("data"), &shared.join("c1/rootfs"));
         let rootfs_file = shared.join("c1/rootfs/f");
-        assert_eq!(std::fs::read_to_string(&rootfs_file).expect("still visible"), "in the rootfs");
+        assert_eq!(std::fs::read_to_string(&rootfs_file).expect("visible"), "in the rootfs");
         share_mounts_below(&shared).expect("again: no second bind");
         let table = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
         let ours: Vec<&str> =
@@ -222,5 +233,17 @@ mod tests {
     fn this_host_has_a_cgroup_hierarchy_for_the_jail() {
         let version = cgroup_version().expect("v1 or v2");
         assert!(["v1", "v2"].contains(&version));
+    }
+
+    #[test]
+    fn a_tree_with_mounts_below_is_refused_rather_than_hidden() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = dir.path().join("shared");
+        std::fs::create_dir_all(shared.join("c1")).expect("mkdir");
+        nix::mount::mount(Some(dir.path()), &shared.join("c1"), None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .expect("bind");
+        let err = share_mounts_below(&shared).expect_err("refused");
+        assert!(err.contains("not a mount point"), "{err}");
+        super::super::mounts::unmount_under(dir.path()).expect("unmount");
     }
 }

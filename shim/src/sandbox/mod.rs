@@ -81,6 +81,14 @@ impl Sandbox {
             let _ = remove_dir(&paths.dir);
             return Err(SandboxError::Dir { path: paths.shared.clone(), source: e });
         }
+        // A shared mount before anything is mounted below, so that what is (the pod's
+        // rootfs, then its containers') also reaches the jailed VMM's mount namespace.
+        if config.jail {
+            if let Err(e) = jail::share_mounts_below(&paths.shared) {
+                let _ = remove_dir(&paths.dir);
+                return Err(SandboxError::Dir { path: paths.shared.clone(), source: std::io::Error::other(e) });
+            }
+        }
         Ok(paths)
     }
 
