@@ -210,11 +210,12 @@ impl Vmm {
                 let pid = child.id();
                 let _ = started_tx.send(Ok(pid));
                 lock(&supervised.0).child = Some(child);
-                let status = supervise(&supervised);
-                if let Some(jail) = jail_spec {
-                    report_seccomp_kill(pid, status);
-                    jail.remove_cgroup();
-                }
+                let status = supervise(&supervised, |status| {
+                    if let Some(jail) = jail_spec {
+                        report_seccomp_kill(pid, status);
+                        jail.remove_cgroup();
+                    }
+                });
                 on_exit(status);
             })
             .map_err(VmmError::Thread)?;
@@ -283,7 +284,9 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn supervise(state: &(Mutex<State>, Condvar)) -> ExitStatus {
+/// Polls the child until it has ended; `reaped` runs before anyone waiting hears of it
+/// (so a caller that kills the VMM and exits does not leave its cgroup behind).
+fn supervise(state: &(Mutex<State>, Condvar), reaped: impl FnOnce(ExitStatus)) -> ExitStatus {
     loop {
         {
             let mut s = lock(&state.0);
@@ -294,6 +297,7 @@ fn supervise(state: &(Mutex<State>, Condvar)) -> ExitStatus {
             match polled {
                 Ok(Some(status)) => {
                     s.child = None;
+                    reaped(status);
                     s.exit = Some(status);
                     state.1.notify_all();
                     return status;
