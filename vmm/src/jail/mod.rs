@@ -26,8 +26,10 @@ use std::path::{Path, PathBuf};
 
 /// Host memory the VMM process uses besides guest RAM (its binary, heap, thread stacks,
 /// device buffers, page cache of the files it reads), added to the guest's size for the
-/// cgroup's memory limit. Measured: a booted 128 MiB VMM with vsock, virtio-fs and net
-/// charged 18-30 MiB above the guest pages it touched (docs/jail.md); doubled for headroom.
+/// cgroup's memory limit. Measured (docs/jail.md): the VMM's own memory is ~3 MiB beyond
+/// the guest's pages, and the page cache it is charged for (kernel and initramfs at boot,
+/// the template's memory file on restore) is reclaimable; whole cgroups of 256 MiB pods
+/// peaked at 21-30 MiB while booting or restoring.
 pub const VMM_OVERHEAD_MIB: u64 = 64;
 
 /// Threads besides the vCPUs: main, the control API, one per device (vsock, virtio-fs,
