@@ -143,6 +143,34 @@ fn check_root() -> Finding {
     }
 }
 
+/// Whether the host can run the VMM's jail (`hypervisor.jail`, docs/jail.md): mount
+/// namespaces, seccomp filters and a cgroup hierarchy with the memory controller.
+fn check_jail(config: &Config) -> Finding {
+    const WHAT: &str = "VMM jail";
+    if !config.jail {
+        return finding(WHAT, Outcome::Warn, "hypervisor.jail = false: each VMM runs as root with every capability");
+    }
+    if !Path::new("/proc/self/ns/mnt").exists() {
+        return finding(WHAT, Outcome::Fail, "no mount namespaces (CONFIG_NAMESPACES): set hypervisor.jail = false");
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if !status.lines().any(|l| l.starts_with("Seccomp_filters:")) {
+        return finding(WHAT, Outcome::Fail, "no seccomp filters (CONFIG_SECCOMP_FILTER): set hypervisor.jail = false");
+    }
+    match crate::sandbox::jail::cgroup_version() {
+        Ok(version) => finding(
+            WHAT,
+            Outcome::Ok,
+            format!(
+                "mount namespace, seccomp filters, cgroup {version} ({}) under {:?}",
+                if version == "v2" { "memory, pids, cpu" } else { "the memory, pids and cpu controllers' hierarchies" },
+                config.cgroup_parent
+            ),
+        ),
+        Err(e) => finding(WHAT, Outcome::Fail, format!("{e}: set hypervisor.jail = false")),
+    }
+}
+
 /// Runs every check with the configuration in effect (or reports why it is invalid).
 pub fn run(config: Result<Config, crate::config::ConfigError>) -> Vec<Finding> {
     let mut findings = vec![check_root(), check_kvm(), check_kvm_kind()];
@@ -159,6 +187,7 @@ pub fn run(config: Result<Config, crate::config::ConfigError>) -> Vec<Finding> {
             findings.push(check_file("VMM", &config.vmm, "build it with `cargo build --release -p nestbox-vmm`"));
             findings.push(check_file("guest kernel", &config.kernel, "run scripts/setup (guest-image/build.sh)"));
             findings.push(check_file("guest initramfs", &config.initramfs, "run scripts/setup (guest-image/build.sh)"));
+            findings.push(check_jail(&config));
         }
         Err(e) => findings.push(finding("configuration", Outcome::Fail, e.to_string())),
     }
@@ -180,6 +209,16 @@ mod tests {
         let config = findings.iter().find(|f| f.what == "configuration").expect("configuration finding");
         assert_eq!(config.outcome, Outcome::Fail);
         assert!(config.detail.contains("hypervisor.vcpus"), "{}", config.detail);
+    }
+
+    #[test]
+    fn the_jail_is_supported_here_and_a_disabled_one_is_a_warning() {
+        let jail = run(Config::parse("", None)).into_iter().find(|f| f.what == "VMM jail").expect("jail finding");
+        assert_eq!(jail.outcome, Outcome::Ok, "{}", jail.detail);
+        assert!(jail.detail.contains("cgroup v"), "{}", jail.detail);
+        let off = run(Config::parse("[hypervisor]\njail = false", None));
+        let off = off.into_iter().find(|f| f.what == "VMM jail").expect("jail finding");
+        assert_eq!(off.outcome, Outcome::Warn, "{}", off.detail);
     }
 
     #[test]

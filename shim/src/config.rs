@@ -46,6 +46,8 @@ pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+/// Each jailed VMM's cgroup is `<cgroup_parent>/<sandbox id>`.
+pub const DEFAULT_CGROUP_PARENT: &str = "nestbox";
 const CPU_TEMPLATES: [&str; 3] = ["auto", "none", "pvm"];
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,9 @@ struct HypervisorFile {
     max_memory_mib: Option<i64>,
     kernel_params: Option<String>,
     cpu_template: Option<String>,
+    jail: Option<bool>,
+    cgroup_parent: Option<String>,
+    oom_score_adj: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +129,13 @@ pub struct Config {
     /// Appended to the VMM's own kernel parameters.
     pub kernel_params: String,
     pub cpu_template: String,
+    /// Confine each VMM (`nestbox-vmm --jail`: mount namespace, cgroup, capabilities,
+    /// seccomp); see docs/jail.md.
+    pub jail: bool,
+    /// The cgroup (relative to the cgroup root) under which each jailed VMM gets its own.
+    pub cgroup_parent: String,
+    /// The jailed VMM's oom_score_adj (only raising the shim's works); inherited if unset.
+    pub oom_score_adj: Option<i16>,
     pub agent_log_level: String,
     /// How long the guest's agent may take to answer after the VMM starts.
     pub boot_timeout: Duration,
@@ -201,6 +213,17 @@ impl Config {
             },
             kernel_params: h.kernel_params.unwrap_or_default(),
             cpu_template: one_of("hypervisor.cpu_template", h.cpu_template, &CPU_TEMPLATES, "auto")?,
+            jail: h.jail.unwrap_or(true),
+            cgroup_parent: cgroup_parent("hypervisor.cgroup_parent", h.cgroup_parent)?,
+            oom_score_adj: match h.oom_score_adj {
+                None => None,
+                Some(v) => Some(
+                    i16::try_from(v)
+                        .ok()
+                        .filter(|v| (-1000..=1000).contains(v))
+                        .ok_or_else(|| invalid("hypervisor.oom_score_adj", format!("{v} is not in -1000..=1000")))?,
+                ),
+            },
             agent_log_level: one_of("agent.log_level", file.agent.log_level, &LOG_LEVELS, "info")?,
             boot_timeout: seconds("agent.boot_timeout_secs", file.agent.boot_timeout_secs, DEFAULT_BOOT_TIMEOUT_SECS)?,
             request_timeout: seconds(
@@ -299,7 +322,7 @@ impl Config {
             "# configuration file: {source}\n\
              [hypervisor]\nvmm = {:?}\nkernel = {:?}\ninitramfs = {:?}\nvcpus = {}\nmemory_mib = {}\n\
              max_vcpus = {}\nmax_memory_mib = {}\n\
-             kernel_params = {:?}\ncpu_template = {:?}\n\n\
+             kernel_params = {:?}\ncpu_template = {:?}\njail = {}\ncgroup_parent = {:?}\noom_score_adj = {}\n\n\
              [agent]\nlog_level = {:?}\nboot_timeout_secs = {}\nrequest_timeout_secs = {}\n\n\
              [runtime]\nsandboxes_dir = {:?}\nshared_fs = {:?}\nwarm_start = {}\ntemplates_dir = {:?}\n",
             self.vmm.display().to_string(),
@@ -311,6 +334,9 @@ impl Config {
             self.max_memory_mib,
             self.kernel_params,
             self.cpu_template,
+            self.jail,
+            self.cgroup_parent,
+            self.oom_score_adj.map_or("\"inherited\"".to_string(), |v| v.to_string()),
             self.agent_log_level,
             self.boot_timeout.as_secs(),
             self.request_timeout.as_secs(),
@@ -366,6 +392,23 @@ fn one_of(key: &str, value: Option<String>, allowed: &[&str], default: &str) -> 
         None => Ok(default.to_string()),
         Some(v) if allowed.contains(&v.as_str()) => Ok(v),
         Some(v) => Err(invalid(key, format!("{v:?}: must be one of {}", allowed.join(", ")))),
+    }
+}
+
+/// A cgroup path relative to the cgroup root: plain names, no `..`, `.` or empty parts.
+fn cgroup_parent(key: &str, value: Option<String>) -> Result<String, ConfigError> {
+    let Some(value) = value else { return Ok(DEFAULT_CGROUP_PARENT.to_string()) };
+    let ok = !value.is_empty()
+        && value
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != ".." && !part.contains(char::is_whitespace));
+    if ok {
+        Ok(value)
+    } else {
+        Err(invalid(
+            key,
+            format!("{value:?} must be a relative cgroup path such as \"nestbox\" (no leading /, no . or ..)"),
+        ))
     }
 }
 
@@ -428,6 +471,8 @@ mod tests {
         assert_eq!(c.boot_timeout, Duration::from_secs(DEFAULT_BOOT_TIMEOUT_SECS));
         assert!(c.vmm.ends_with(VMM_BINARY));
         assert!(c.warm_start);
+        assert!(c.jail, "the jail is on by default");
+        assert_eq!((c.cgroup_parent.as_str(), c.oom_score_adj), (DEFAULT_CGROUP_PARENT, None));
         assert_eq!(c.templates_dir, Path::new(DEFAULT_TEMPLATES_DIR));
     }
 
@@ -445,6 +490,9 @@ mod tests {
             max_memory_mib = 2048
             kernel_params = "quiet"
             cpu_template = "none"
+            jail = false
+            cgroup_parent = "kubepods/nestbox"
+            oom_score_adj = 500
             [agent]
             log_level = "debug"
             boot_timeout_secs = 5
@@ -461,6 +509,7 @@ mod tests {
         assert_eq!((c.vcpus, c.memory_mib, c.kernel_params.as_str()), (2, 512, "quiet"));
         assert_eq!((c.max_vcpus, c.max_memory_mib), (3, 2048));
         assert_eq!((c.cpu_template.as_str(), c.agent_log_level.as_str()), ("none", "debug"));
+        assert_eq!((c.jail, c.cgroup_parent.as_str(), c.oom_score_adj), (false, "kubepods/nestbox", Some(500)));
         assert_eq!((c.boot_timeout.as_secs(), c.request_timeout.as_secs()), (5, 7));
         assert_eq!(c.sandboxes_dir, Path::new("/tmp/sb"));
         assert_eq!((c.warm_start, c.templates_dir.as_path()), (false, Path::new("/tmp/templates")));
@@ -477,6 +526,10 @@ mod tests {
             ("[hypervisor]\nmemory_mib = 10", "hypervisor.memory_mib"),
             ("[hypervisor]\ncpu_template = \"fast\"", "hypervisor.cpu_template"),
             ("[hypervisor]\nkernel = \"relative/vmlinux\"", "hypervisor.kernel"),
+            ("[hypervisor]\ncgroup_parent = \"/abs\"", "hypervisor.cgroup_parent"),
+            ("[hypervisor]\ncgroup_parent = \"a/../b\"", "hypervisor.cgroup_parent"),
+            ("[hypervisor]\ncgroup_parent = \"\"", "hypervisor.cgroup_parent"),
+            ("[hypervisor]\noom_score_adj = 1001", "hypervisor.oom_score_adj"),
             ("[agent]\nboot_timeout_secs = 0", "agent.boot_timeout_secs"),
             ("[agent]\nlog_level = \"loud\"", "agent.log_level"),
             ("[runtime]\nshared_fs = \"9p\"", "runtime.shared_fs"),

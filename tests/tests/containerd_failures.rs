@@ -73,6 +73,11 @@ fn failures_are_reported_and_leave_nothing_behind() {
     assert!(!status.success(), "create cannot succeed without its shim");
     c.assert_clean();
     assert!(c.shim_pids().is_empty(), "shims left: {:?}", c.shim_pids());
+    // The jailed VMM's cgroup goes too (`shim delete` removes it; its supervisor is gone).
+    for hierarchy in ["", "memory/", "pids/", "cpu/"] {
+        let cgroup = format!("/sys/fs/cgroup/{hierarchy}nestbox/killed");
+        assert!(!std::path::Path::new(&cgroup).exists(), "{cgroup} is left");
+    }
     // containerd's view is clean too: the task is gone.
     let tasks = c.ok(&["task", "ls", "-q"], QUICK);
     assert!(tasks.stdout.trim().is_empty(), "tasks left: {}", tasks.stdout);

@@ -9,8 +9,9 @@
 //! with piped stdin, output and exit code and the guest's own kernel; two restored pods
 //! reading different random bytes and the host's time; a long-running container for exec
 //! (output, stderr, exit code, stdin, terminal), ps, pause/resume, metrics and kill with a
-//! signal; creates that fail before and after the VM is up; one whose VMM is killed under
-//! it; the template made again after the kernel changes; a corrupt template falling back
+//! signal; creates that fail before and after the VM is up; the VMM's jail (seccomp,
+//! capabilities, mount namespace and root, cgroup); one whose VMM is killed under it by its
+//! seccomp filter; the template made again after the kernel changes; a corrupt template falling back
 //! to a cold boot. Afterwards no sandbox directory, mount or VMM process may remain, and
 //! no start or stop may have waited for a safety-net bound (their warnings in the log).
 
@@ -101,6 +102,58 @@ fn copy_kernel(to: &Path) {
     std::fs::copy(&installed, to).unwrap_or_else(|e| panic!("copying {}: {e}", installed.display()));
 }
 
+/// The capabilities a jailed VMM keeps (CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER,
+/// FSETID, SETGID, SETUID: bits 0-4, 6 and 7).
+const JAIL_CAPS: u64 = 0b1101_1111;
+
+/// The VMM of a running pod is jailed (docs/jail.md): seccomp filter mode, no capability
+/// outside the list, no_new_privs, its own mount namespace whose root has none of the
+/// host's files, and its own cgroup with a memory limit.
+fn assert_jailed(pid: i32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the VMM's status");
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_else(|| panic!("{name} in {status}"))
+    };
+    assert_eq!(field("Seccomp:"), "2", "seccomp filter mode");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    for set in ["CapEff:", "CapPrm:", "CapBnd:", "CapInh:", "CapAmb:"] {
+        let caps = u64::from_str_radix(field(set), 16).expect("hex capability set");
+        assert_eq!(caps & !JAIL_CAPS, 0, "{set} {caps:#x} has capabilities outside {JAIL_CAPS:#x}");
+    }
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).expect("mount namespace");
+    assert_ne!(ns(&pid.to_string()), ns("self"), "the VMM shares the host's mount namespace");
+    // Its root holds /dev/kvm and its own files, not the host's: no host file to open.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    assert!(root.join("dev/kvm").exists(), "no /dev/kvm in the VMM's root");
+    for host_file in ["etc/passwd", "etc/hostname", "usr/bin", "root"] {
+        assert!(!root.join(host_file).exists(), "the VMM's root has the host's /{host_file}");
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("the VMM's cgroups");
+    // cgroup v1's memory hierarchy where there is one (this host), else v2's.
+    let (file, path) = match cgroups.lines().find_map(|l| l.split_once(":memory:")) {
+        Some((_, path)) => ("memory/memory.limit_in_bytes", path.to_string()),
+        None => ("memory.max", cgroups.lines().find_map(|l| l.strip_prefix("0::")).expect("a v2 cgroup").to_string()),
+    };
+    assert!(path.starts_with("/nestbox/"), "the VMM's cgroup: {cgroups}");
+    let limit_file = match file.split_once('/') {
+        Some((controller, name)) => format!("/sys/fs/cgroup/{controller}{path}/{name}"),
+        None => format!("/sys/fs/cgroup{path}/{file}"),
+    };
+    let limit: u64 = std::fs::read_to_string(&limit_file).expect("memory limit").trim().parse().expect("a number");
+    assert!(limit < 4 << 30, "{limit_file}: {limit}: no memory limit");
+}
+
+/// Makes the VMM of the sandbox in `dir` call what no seccomp filter allows (the control
+/// API's hidden self-test), which kills it with SIGSYS.
+fn kill_by_seccomp(dir: &Path) {
+    let mut api = std::os::unix::net::UnixStream::connect(dir.join("api.sock")).expect("the VMM's API socket");
+    api.write_all(b"selftest-seccomp\n").expect("request");
+    let mut answer = String::new();
+    // The VMM dies before answering: the connection just closes.
+    let _ = api.read_to_string(&mut answer);
+    assert!(answer.is_empty(), "the VMM survived its forbidden system call: {answer}");
+}
+
 #[test]
 fn containers_run_in_their_own_vms() {
     let c = Arc::new(Containerd::start("run", ""));
@@ -180,6 +233,9 @@ fn containers_run_in_their_own_vms() {
     long.join().expect("long container started");
     victim.join().expect("victim container started");
     assert!(c.vmm_pids().len() >= 2, "two pods, two VMs: {:?}", c.vmm_pids());
+    let long_vmm: i32 =
+        std::fs::read_to_string(c.sandboxes.join("long/vmm.pid")).expect("pid").trim().parse().expect("pid");
+    assert_jailed(long_vmm);
     let (rand1, rand2) = (rand1.join().expect("rand1"), rand2.join().expect("rand2"));
     let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
     let mut seen = Vec::new();
@@ -265,14 +321,12 @@ fn containers_run_in_their_own_vms() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // The victim's VMM dies: its container exits with an error status, containerd hears of
-    // it, and its sandbox is cleaned up.
+    // The victim's VMM dies, killed by its seccomp filter: its container exits with an
+    // error status, containerd hears of it, the shim says why, and its sandbox is cleaned up.
     let victim_dir = c.sandboxes.join("victim");
-    let vmm_pid: i32 =
-        std::fs::read_to_string(victim_dir.join("vmm.pid")).expect("victim's vmm.pid").trim().parse().expect("a pid");
-    // SAFETY: kill(2) on the victim's VMM, whose PID the shim recorded; no memory involved.
-    assert_eq!(unsafe { libc::kill(vmm_pid, libc::SIGKILL) }, 0);
+    kill_by_seccomp(&victim_dir);
     wait_for_status(&c, "victim", "STOPPED");
+    assert_eq!(log_count(&c, "killed by its seccomp filter (SIGSYS)"), 1, "{}", c.log_tail(40));
     let deleted = c.run(&["task", "delete", "victim"], IN_GUEST);
     // ctr 1.6 reports a task's non-zero exit status as a warning, and itself exits 0.
     assert!(deleted.status.success() && deleted.stderr.contains("exit code 255"), "{deleted:?}");
@@ -284,6 +338,12 @@ fn containers_run_in_their_own_vms() {
     let deleted = c.run(&["task", "delete", "long"], IN_GUEST);
     assert!(deleted.status.success() && deleted.stderr.contains("exit code 42"), "{deleted:?}");
     c.ok(&["containers", "rm", "long", "victim"], IN_GUEST);
+    for pod in ["long", "victim"] {
+        for hierarchy in ["", "memory/", "pids/", "cpu/"] {
+            let cgroup = format!("/sys/fs/cgroup/{hierarchy}nestbox/{pod}");
+            assert!(!Path::new(&cgroup).exists(), "the ended VMM's cgroup {cgroup} is left");
+        }
+    }
 
     // The kernel changes (rebuilt in place): the next pod makes a new template, and the old
     // one, which can never be used again, is deleted.

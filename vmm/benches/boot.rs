@@ -9,8 +9,8 @@
 //!    On a software-nested host the guest kernel dominates the absolute times; only the
 //!    ratio says something about the VMM.
 //!
-//! Options (after `--`): `--runs N` start-up runs (default 20), `--boots N` boots of
-//! each VMM (default 2), `--no-qemu`.
+//! Options (after `--`): `--runs N` start-up runs (default 20, then as many jailed), `--boots N`
+//! boots of each VMM (default 2; 0: start-up figures only), `--no-qemu`.
 
 use nestbox_vmm::arch::x86_64::{boot::kernel_cmdline, cpuid::CpuTemplate};
 use nestbox_vmm::util::monotonic_ns;
@@ -37,15 +37,22 @@ fn kill(mut child: Child) {
     let _ = child.wait();
 }
 
-/// Spawn to first KVM_RUN, in milliseconds.
-fn start_to_first_run() -> f64 {
+/// Spawn to first KVM_RUN, in milliseconds, and the VMM's resident KiB then. Jailed
+/// (`--jail` with a cgroup of its own, `docs/jail.md`) if `jail` names a directory for
+/// its files, the way the shim starts pods' VMMs.
+fn start_to_first_run(jail: Option<&std::path::Path>) -> (f64, u64) {
     let t0 = monotonic_ns();
-    let mut child = Command::new(VMM)
-        .args(["--boot-timestamps", "--console", "/dev/null", "--memory-mib", &MEMORY_MIB.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning nestbox-vmm");
+    let mut cmd = Command::new(VMM);
+    cmd.args(["--boot-timestamps", "--memory-mib", &MEMORY_MIB.to_string()]);
+    match jail {
+        None => cmd.args(["--console", "/dev/null"]),
+        Some(dir) => cmd.arg("--console").arg(dir.join("console.log")).args([
+            "--jail",
+            "--jail-cgroup",
+            &format!("nestbox-bench/{}", std::process::id()),
+        ]),
+    };
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning nestbox-vmm");
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let mut at = None;
     for line in stderr.lines().map_while(Result::ok) {
@@ -54,9 +61,33 @@ fn start_to_first_run() -> f64 {
             break;
         }
     }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
     kill(child);
+    if jail.is_some() {
+        remove_bench_cgroup();
+    }
     let at = at.expect("the VMM printed no first_kvm_run timestamp");
-    (at - t0) as f64 / 1e6
+    ((at - t0) as f64 / 1e6, rss)
+}
+
+fn remove_bench_cgroup() {
+    let leaf = format!("nestbox-bench/{}", std::process::id());
+    for hierarchy in ["", "memory/", "pids/", "cpu/"] {
+        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{hierarchy}{leaf}"));
+    }
+}
+
+/// Runs `runs` starts; sorted milliseconds and the median resident MiB.
+fn measure_starts(runs: usize, jail: Option<&std::path::Path>) -> (Vec<f64>, f64) {
+    let (mut ms, mut rss): (Vec<f64>, Vec<u64>) = (0..runs).map(|_| start_to_first_run(jail)).unzip();
+    ms.sort_by(f64::total_cmp);
+    rss.sort();
+    (ms, rss[rss.len() / 2] as f64 / 1024.0)
 }
 
 struct Boot {
@@ -145,9 +176,12 @@ fn main() {
     let template = CpuTemplate::Auto.resolve();
     let cmdline = kernel_cmdline(template, &[], "").unwrap().as_cstring().unwrap().into_string().unwrap();
 
-    eprintln!("start-up: {runs} runs");
-    let mut starts: Vec<f64> = (0..runs).map(|_| start_to_first_run()).collect();
-    starts.sort_by(f64::total_cmp);
+    eprintln!("start-up: {runs} runs, then {runs} jailed");
+    let (starts, start_rss) = measure_starts(runs, None);
+    let jail_dir = std::env::temp_dir().join(format!("nestbox-bench-jail-{}", std::process::id()));
+    std::fs::create_dir_all(&jail_dir).expect("a directory for the jailed VMM's files");
+    let (jailed, jailed_rss) = measure_starts(runs, Some(&jail_dir));
+    let _ = std::fs::remove_dir_all(&jail_dir);
 
     let ours = || {
         let mut cmd = Command::new(VMM);
@@ -186,6 +220,13 @@ fn main() {
         percentile(&starts, 0.95),
         starts[0]
     );
+    println!(
+        "| the same, jailed (`--jail`, own cgroup; docs/jail.md) | p50 {:.2} ms, p95 {:.2} ms, min {:.2} ms | |",
+        percentile(&jailed, 0.5),
+        percentile(&jailed, 0.95),
+        jailed[0]
+    );
+    println!("| VMM resident memory at first KVM_RUN, unjailed / jailed (median) | {start_rss:.1} MiB / {jailed_rss:.1} MiB | |");
     if let Some((own, guest)) = memory {
         println!(
             "| VMM resident memory beyond guest memory (guest ready) | {:.1} MiB (guest RAM resident: {:.1} MiB) | < 5 MiB |",
@@ -194,6 +235,9 @@ fn main() {
         );
     }
     let fmt = |v: &[f64]| v.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(", ");
+    if boots == 0 {
+        return;
+    }
     println!("| boot to agent ready, nestbox-vmm ({boots} boots) | mean {:.1} s ({}) | |", mean(&ours_s), fmt(&ours_s));
     if with_qemu {
         println!(

@@ -4,6 +4,8 @@ use anyhow::Context;
 use clap::Parser;
 use nestbox_vmm::arch::x86_64::cpuid::CpuTemplate;
 use nestbox_vmm::config::{self, FileConfig, VmConfig};
+use nestbox_vmm::jail::{self, JailArgs, JailPlan};
+use nestbox_vmm::seccomp::{self, ThreadKind};
 use nestbox_vmm::{api, build_and_start, restore_and_start, snapshot, RunOptions, VmExit};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,6 +90,8 @@ struct Cli {
     /// Print CLOCK_MONOTONIC timestamps of start-up milestones to stderr.
     #[arg(long)]
     boot_timestamps: bool,
+    #[command(flatten)]
+    jail: JailArgs,
 }
 
 impl Cli {
@@ -118,21 +122,57 @@ fn run(cli: Cli) -> anyhow::Result<VmExit> {
     let host_memory = config::host_memory_mib().context("reading the host's memory size")?;
     let mut settings = file.merge(cli.settings());
     let options = RunOptions { boot_timestamps: cli.boot_timestamps };
-    let mut vmm = match &cli.restore {
-        None => build_and_start(&VmConfig::build(settings, host_memory)?, options)?,
+    let (mut config, state) = match &cli.restore {
+        None => (VmConfig::build(settings, host_memory)?, None),
         Some(dir) => {
             let state = snapshot::read_state(dir)?;
             settings.vcpus.get_or_insert(state.vcpus.len().try_into().unwrap_or(u8::MAX));
             settings.memory_mib.get_or_insert(state.memory_mib);
             state.apply_devices(dir, &mut settings)?;
-            restore_and_start(&VmConfig::build(settings, host_memory)?, dir, state, options)?
+            (VmConfig::build(settings, host_memory)?, Some(state))
         }
+    };
+    if cli.jail.jail {
+        // Whether KVM is software-nested is read from /sys, which the jail does not have.
+        config.cpu_template = config.cpu_template.resolve();
+        let plan = JailPlan::new(&cli.jail, &config, cli.restore.as_deref(), cli.api_socket.as_deref());
+        // Before the jail: the diagnostic mode's log file is outside it.
+        let mode = seccomp_mode()?;
+        jail::enter(&plan)?;
+        // From here on each thread installs its filter once set up.
+        seccomp::enable(mode)?;
+    }
+    let mut vmm = match (&cli.restore, state) {
+        (Some(dir), Some(state)) => restore_and_start(&config, dir, state, options)?,
+        _ => build_and_start(&config, options)?,
     };
     if let Some(path) = &cli.api_socket {
         api::serve(path, vmm.control()).with_context(|| format!("control API socket {}", path.display()))?;
         vmm.remove_on_exit(path.clone());
     }
+    seccomp::install(ThreadKind::Main)?;
     Ok(vmm.wait())
+}
+
+/// NESTBOX_VMM_SECCOMP=log: the diagnostic mode of the filters (seccomp::Mode::Log).
+fn seccomp_mode() -> anyhow::Result<seccomp::Mode> {
+    match std::env::var("NESTBOX_VMM_SECCOMP").as_deref() {
+        Err(_) | Ok("") | Ok("kill") => Ok(seccomp::Mode::Kill),
+        Ok("log") => {
+            let file = match std::env::var_os("NESTBOX_VMM_SECCOMP_LOG") {
+                None => None,
+                Some(path) => Some(std::sync::Arc::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .with_context(|| format!("NESTBOX_VMM_SECCOMP_LOG {path:?}"))?,
+                )),
+            };
+            Ok(seccomp::Mode::Log(file))
+        }
+        Ok(other) => anyhow::bail!("NESTBOX_VMM_SECCOMP={other:?}: expected kill or log"),
+    }
 }
 
 fn main() -> ExitCode {

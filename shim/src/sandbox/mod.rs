@@ -20,6 +20,7 @@ pub mod agent;
 mod connect;
 mod console;
 mod error;
+pub mod jail;
 pub mod mounts;
 pub mod network;
 mod paths;
@@ -79,6 +80,14 @@ impl Sandbox {
         if let Err(e) = std::fs::create_dir(&paths.shared) {
             let _ = remove_dir(&paths.dir);
             return Err(SandboxError::Dir { path: paths.shared.clone(), source: e });
+        }
+        // A shared mount before anything is mounted below, so that what is (the pod's
+        // rootfs, then its containers') also reaches the jailed VMM's mount namespace.
+        if config.jail {
+            if let Err(e) = jail::share_mounts_below(&paths.shared) {
+                let _ = remove_dir(&paths.dir);
+                return Err(SandboxError::Dir { path: paths.shared.clone(), source: std::io::Error::other(e) });
+            }
         }
         Ok(paths)
     }
@@ -330,6 +339,8 @@ pub fn cleanup_after_shim(config: &Config, sandbox_id: &str, container_id: &str)
         if vmm::kill_stale(&paths.pid_file, &paths.vsock) {
             log::warn!("sandbox {sandbox_id}: killed a VMM left by a shim that is gone");
         }
+        // The jailed VMM's cgroup, which its supervisor (gone with the shim) did not remove.
+        jail::JailSpec::new(&config.cgroup_parent, sandbox_id, 1, None).remove_cgroup();
         if let Ok(record) = std::fs::read_to_string(&paths.network) {
             match network::remove_stale(&record) {
                 Ok(()) => log::info!("sandbox {sandbox_id}: removed what its pod network left"),

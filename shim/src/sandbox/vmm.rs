@@ -7,6 +7,7 @@
 //! supervising thread itself spawns the VMM and lives exactly as long as it.
 
 use super::agent::FS_TAG;
+use super::jail::{self, JailSpec};
 use super::paths::SandboxPaths;
 use crate::config::{Config, VmSize};
 use std::fs::File;
@@ -53,6 +54,8 @@ pub struct VmmSpec {
     /// The pod's tap for that device (`--net-tap-fd`): a descriptor of the shim, which the
     /// child inherits (see [`Vmm::spawn`]); without it the device has no backend.
     pub net_tap_fd: Option<RawFd>,
+    /// Confine the VMM (`--jail`) in this cgroup, with these limits.
+    pub jail: Option<JailSpec>,
 }
 
 impl VmmSpec {
@@ -72,10 +75,16 @@ impl VmmSpec {
             shared_dir: paths.shared.clone(),
             fs_tag: FS_TAG.to_string(),
             log: paths.vmm_log.clone(),
-            api_socket: None,
+            // Pause and snapshot for templates; for tests, the seccomp self-test.
+            api_socket: Some(paths.dir.join("api.sock")),
             restore: None,
             net_mac: Some(GUEST_NET_MAC.to_string()),
             net_tap_fd: None,
+            jail: config.jail.then(|| {
+                // The sandbox's directory is named after it (a template's after its key).
+                let name = paths.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                JailSpec::new(&config.cgroup_parent, &name, size.vcpus, config.oom_score_adj)
+            }),
         }
     }
 
@@ -105,6 +114,9 @@ impl VmmSpec {
         }
         if let Some(fd) = self.net_tap_fd {
             cmd.arg("--net-tap-fd").arg(fd.to_string());
+        }
+        if let Some(jail) = &self.jail {
+            cmd.args(jail.args());
         }
         cmd
     }
@@ -137,6 +149,8 @@ pub enum VmmError {
     Spawn { binary: PathBuf, source: std::io::Error },
     #[error("starting the VMM's supervisor thread: {0}")]
     Thread(std::io::Error),
+    #[error("preparing the VMM's jail: {0}")]
+    Jail(String),
 }
 
 struct State {
@@ -155,6 +169,10 @@ impl Vmm {
     /// for whatever reason (including [`Vmm::kill`]).
     pub fn spawn(spec: &VmmSpec, on_exit: Box<dyn FnOnce(ExitStatus) + Send>) -> Result<Vmm, VmmError> {
         let log = File::create(&spec.log).map_err(|source| VmmError::Log { path: spec.log.clone(), source })?;
+        if spec.jail.is_some() {
+            jail::share_mounts_below(&spec.shared_dir).map_err(VmmError::Jail)?;
+        }
+        let jail_spec = spec.jail.clone();
         let mut cmd = spec.command();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let tap = spec.net_tap_fd;
@@ -189,9 +207,15 @@ impl Vmm {
                         return;
                     }
                 };
-                let _ = started_tx.send(Ok(child.id()));
+                let pid = child.id();
+                let _ = started_tx.send(Ok(pid));
                 lock(&supervised.0).child = Some(child);
-                let status = supervise(&supervised);
+                let status = supervise(&supervised, |status| {
+                    if let Some(jail) = jail_spec {
+                        report_seccomp_kill(pid, status);
+                        jail.remove_cgroup();
+                    }
+                });
                 on_exit(status);
             })
             .map_err(VmmError::Thread)?;
@@ -243,11 +267,26 @@ impl Vmm {
     }
 }
 
+/// A VMM that made a system call its seccomp filter does not allow is killed with SIGSYS:
+/// say so, with the call where the kernel's audit record names it.
+fn report_seccomp_kill(pid: u32, status: ExitStatus) {
+    if status.signal() != Some(libc::SIGSYS) {
+        return;
+    }
+    let syscall = match jail::seccomp_kill_syscall(pid) {
+        Some(nr) => format!("system call {nr} (x86_64)"),
+        None => "a system call the kernel did not log (no audit record: audit is disabled on this host)".into(),
+    };
+    log::error!("the VMM (pid {pid}) was killed by its seccomp filter (SIGSYS): it made {syscall} that its filter does not allow");
+}
+
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn supervise(state: &(Mutex<State>, Condvar)) -> ExitStatus {
+/// Polls the child until it has ended; `reaped` runs before anyone waiting hears of it
+/// (so a caller that kills the VMM and exits does not leave its cgroup behind).
+fn supervise(state: &(Mutex<State>, Condvar), reaped: impl FnOnce(ExitStatus)) -> ExitStatus {
     loop {
         {
             let mut s = lock(&state.0);
@@ -258,6 +297,7 @@ fn supervise(state: &(Mutex<State>, Condvar)) -> ExitStatus {
             match polled {
                 Ok(Some(status)) => {
                     s.child = None;
+                    reaped(status);
                     s.exit = Some(status);
                     state.1.notify_all();
                     return status;
@@ -327,6 +367,7 @@ mod tests {
             restore: None,
             net_mac: Some(GUEST_NET_MAC.into()),
             net_tap_fd: None,
+            jail: None,
         }
     }
 

@@ -6,6 +6,7 @@ use super::error::BuildError;
 use crate::arch::x86_64::layout;
 use crate::config::{Console, VmConfig};
 use crate::devices::bus::{Bus, SharedDevice};
+use crate::devices::legacy::serial::capped::{CappedWriter, CONSOLE_LOG_MAX};
 use crate::devices::legacy::serial::persist::SerialState;
 use crate::devices::legacy::{i8042, serial, SerialConsole, I8042};
 use crate::devices::virtio::fs::FsDevice;
@@ -118,7 +119,8 @@ fn open_console(console: &Console) -> Result<Box<dyn Write + Send>, BuildError> 
             .map(File::from)
             .map_err(|source| BuildError::Console { path: "stdout".into(), source })?,
         Console::File(path) => {
-            File::create(path).map_err(|source| BuildError::Console { path: path.clone(), source })?
+            let file = File::create(path).map_err(|source| BuildError::Console { path: path.clone(), source })?;
+            return Ok(Box::new(CappedWriter::new(file, CONSOLE_LOG_MAX)));
         }
     };
     Ok(Box::new(file))

@@ -14,6 +14,7 @@ pub mod net;
 pub mod test_driver;
 pub mod vsock;
 
+use crate::seccomp::{self, ThreadKind};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use virtio_queue::Queue;
@@ -95,14 +96,25 @@ impl DeviceThread {
     /// `prepare` gets the eventfd that, once readable, asks the work to return, and sets
     /// the work up (here, so a setup error fails the activation); the work it returns then
     /// runs on a thread called `name`.
+    ///
+    /// Setup and start run on the seccomp launcher thread when filters are on (a vCPU
+    /// activates devices, and its filter allows neither), and the thread installs the
+    /// device filter before its work.
     pub fn spawn<W: FnOnce() + Send + 'static>(
         name: &str,
-        prepare: impl FnOnce(EventFd) -> std::io::Result<W>,
+        prepare: impl FnOnce(EventFd) -> std::io::Result<W> + Send + 'static,
     ) -> Result<DeviceThread, ActivateError> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Setup)?;
-        let work = prepare(stop.try_clone().map_err(ActivateError::Setup)?).map_err(ActivateError::Setup)?;
-        let handle = std::thread::Builder::new().name(name.into()).spawn(work).map_err(ActivateError::Thread)?;
-        Ok(DeviceThread { stop, handle: Some(handle) })
+        let name = name.to_string();
+        seccomp::launch(move || {
+            let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Setup)?;
+            let work = prepare(stop.try_clone().map_err(ActivateError::Setup)?).map_err(ActivateError::Setup)?;
+            let filtered = move || {
+                seccomp::install_or_exit(ThreadKind::Device);
+                work()
+            };
+            let handle = std::thread::Builder::new().name(name).spawn(filtered).map_err(ActivateError::Thread)?;
+            Ok(DeviceThread { stop, handle: Some(handle) })
+        })
     }
 }
 

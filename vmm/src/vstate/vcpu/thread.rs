@@ -71,6 +71,11 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                // Set up (registers, CPUID, MSRs) on the main thread: only running is left.
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                    let _ = events.send(E::from(VcpuEvent::Failed(e.to_string())));
+                    return;
+                }
                 if let Some(hook) = on_first_run {
                     hook();
                 }

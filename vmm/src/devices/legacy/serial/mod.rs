@@ -1,6 +1,7 @@
 //! The guest's console: a 16550A UART (vm-superio) at COM1, its output written to
 //! stdout or a file, its interrupt delivered through an irqfd.
 
+pub mod capped;
 pub mod persist;
 
 use crate::devices::bus::BusDevice;

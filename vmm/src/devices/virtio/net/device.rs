@@ -78,11 +78,13 @@ impl VirtioDevice for NetDevice {
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
         self.worker = None;
         self.handle.acked_features.store(active.acked_features, Ordering::SeqCst);
-        if let Some(backend) = &self.backend {
-            backend.set_guest_features(active.acked_features).map_err(ActivateError::Setup)?;
-        }
         let (backend, metrics) = (self.backend.clone(), self.handle.metrics.clone());
         self.worker = Some(DeviceThread::spawn("virtio-net", move |stop| {
+            // Here rather than before: the tap's offload ioctl belongs on the device side
+            // (the seccomp launcher), not on the vCPU thread that activates the device.
+            if let Some(backend) = &backend {
+                backend.set_guest_features(active.acked_features)?;
+            }
             let guest = GuestQueues {
                 memory: active.memory,
                 queues: active.queues,

@@ -30,6 +30,13 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// At most this many malformed-packet messages per device, so a hostile guest cannot
 /// flood the VMM's log.
 const MAX_LOGGED_ERRORS: u32 = 16;
+/// Control packets (RSTs, mostly) waiting for the guest's RX buffers. A guest that sends
+/// packets but never reads could otherwise grow the queue without end; beyond the bound
+/// new ones are dropped (the guest gets no answer it was not reading anyway).
+pub const MAX_CONTROL: usize = 1024;
+/// Connections the guest may open to host ports at once (each is a host socket); a
+/// further request is refused with RST.
+pub const MAX_GUEST_CONNECTIONS: usize = 1024;
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_RX: u64 = 1;
@@ -351,15 +358,18 @@ impl Muxer {
     /// Drops the connection and tells the guest with RST.
     fn reset(&mut self, key: ConnKey) {
         if let Some(conn) = self.remove(key) {
-            self.control.push_back(Header {
-                src_cid: HOST_CID,
-                dst_cid: self.guest_cid,
-                src_port: conn.local_port,
-                dst_port: conn.peer_port,
-                type_: TYPE_STREAM,
-                op: OP_RST,
-                ..Default::default()
-            });
+            push_bounded(
+                &mut self.control,
+                Header {
+                    src_cid: HOST_CID,
+                    dst_cid: self.guest_cid,
+                    src_port: conn.local_port,
+                    dst_port: conn.peer_port,
+                    type_: TYPE_STREAM,
+                    op: OP_RST,
+                    ..Default::default()
+                },
+            );
         }
     }
 
@@ -412,7 +422,7 @@ impl Muxer {
         if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID || h.type_ != TYPE_STREAM {
             // Spoofed source, another destination, or a socket type we do not carry.
             if h.op != OP_RST {
-                self.control.push_back(h.reset_reply());
+                push_bounded(&mut self.control, h.reset_reply());
             }
             return;
         }
@@ -421,7 +431,7 @@ impl Muxer {
             match h.op {
                 OP_REQUEST => self.connect_guest_to_host(&h),
                 OP_RST => {}
-                _ => self.control.push_back(h.reset_reply()),
+                _ => push_bounded(&mut self.control, h.reset_reply()),
             }
             return;
         };
@@ -434,11 +444,16 @@ impl Muxer {
 
     /// The guest connects to host port P: connect to `<uds_path>_P`.
     fn connect_guest_to_host(&mut self, request: &Header) {
+        if self.conns.len() >= MAX_GUEST_CONNECTIONS {
+            self.log_guest_error(format_args!("refused a connection: {MAX_GUEST_CONNECTIONS} already open"));
+            push_bounded(&mut self.control, request.reset_reply());
+            return;
+        }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", request.dst_port));
         match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
             Ok(stream) => self.add_connection(Connection::from_guest(stream, request, self.guest_cid)),
-            Err(_) => self.control.push_back(request.reset_reply()),
+            Err(_) => push_bounded(&mut self.control, request.reset_reply()),
         }
     }
 
@@ -526,5 +541,12 @@ impl Muxer {
                 self.log_guest_error(format_args!("cannot interrupt the guest: {e}"));
             }
         }
+    }
+}
+
+/// Queues a control packet unless [`MAX_CONTROL`] are already waiting.
+pub(super) fn push_bounded(control: &mut VecDeque<Header>, packet: Header) {
+    if control.len() < MAX_CONTROL {
+        control.push_back(packet);
     }
 }

@@ -530,3 +530,21 @@ fn restored_device_announces_a_reset_and_holds_host_connections_until_the_guest_
     let (req, _) = g.recv();
     assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1024));
 }
+
+#[test]
+fn the_control_queue_is_bounded() {
+    let mut control = std::collections::VecDeque::new();
+    let h = Header {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port: 1,
+        dst_port: 2,
+        type_: TYPE_STREAM,
+        op: OP_RST,
+        ..Header::default()
+    };
+    for _ in 0..super::muxer::MAX_CONTROL + 10 {
+        super::muxer::push_bounded(&mut control, h);
+    }
+    assert_eq!(control.len(), super::muxer::MAX_CONTROL);
+}
