@@ -31,6 +31,8 @@ impl Pod {
         let mut spec = spec::read(Path::new(&req.bundle)).map_err(spec_error)?;
         let annotations = spec.annotations().clone().unwrap_or_default();
         let sandbox_id = spec::pod_id(&annotations, id);
+        // It becomes the sandbox's directory: a path-like one is refused before anything exists.
+        sandbox::validate_sandbox_id(&sandbox_id).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         // Before anything exists: a refused pod leaves nothing behind.
         spec::refuse_host_namespaces(&spec, &annotations, &sandbox_id).map_err(spec_error)?;
 

@@ -28,7 +28,7 @@ pub mod template;
 pub mod vmm;
 
 pub use error::SandboxError;
-pub use paths::{remove_dir, CleanupError, SandboxPaths};
+pub use paths::{remove_dir, validate_sandbox_id, BadSandboxId, CleanupError, SandboxPaths};
 
 use crate::config::{Config, VmSize};
 use agent::{Agent, AgentError};
@@ -66,7 +66,7 @@ impl Sandbox {
     /// Creates the sandbox's directory (and its shared directory), so containers' files
     /// can be mounted there before the VM starts.
     pub fn prepare(config: &Config, id: &str) -> Result<SandboxPaths, SandboxError> {
-        let paths = SandboxPaths::new(&config.sandboxes_dir, id);
+        let paths = SandboxPaths::of_pod(&config.sandboxes_dir, id)?;
         if paths.dir.exists() {
             return Err(SandboxError::Exists { id: id.to_string(), path: paths.dir });
         }
@@ -325,7 +325,9 @@ fn exit_handler(
 /// (normally the parent-death signal already did), unmount the container's (or, for the
 /// pod's own container, the whole sandbox's) mounts and remove the directories.
 pub fn cleanup_after_shim(config: &Config, sandbox_id: &str, container_id: &str) -> Result<(), SandboxError> {
-    let paths = SandboxPaths::new(&config.sandboxes_dir, sandbox_id);
+    let paths = SandboxPaths::of_pod(&config.sandboxes_dir, sandbox_id)?;
+    // containerd's id, but it becomes a path below the sandbox: checked as create checks it.
+    nestbox_protocols::stdio::validate_id("container id", container_id).map_err(SandboxError::BadContainerId)?;
     if container_id == sandbox_id {
         if vmm::kill_stale(&paths.pid_file, &paths.vsock) {
             log::warn!("sandbox {sandbox_id}: killed a VMM left by a shim that is gone");
@@ -339,5 +341,32 @@ pub fn cleanup_after_shim(config: &Config, sandbox_id: &str, container_id: &str)
         Ok(remove_dir(&paths.dir)?)
     } else {
         Ok(remove_dir(&paths.container_dir(container_id))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A path-like pod id (from a spec's annotation) is refused by name, and neither
+    /// creating nor cleaning up touches anything.
+    #[test]
+    fn a_path_like_pod_id_creates_and_removes_nothing() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let sandboxes = root.path().join("sandboxes");
+        let config = Config::parse(&format!("[runtime]\nsandboxes_dir = {:?}\n", sandboxes), None).expect("config");
+        let victim = root.path().join("victim");
+        std::fs::create_dir(&victim).expect("mkdir");
+        std::fs::write(victim.join("f"), "keep").expect("write");
+        for bad in ["../victim", "..", "a/b", "/tmp"] {
+            let err = Sandbox::prepare(&config, bad).expect_err(bad).to_string();
+            assert!(err.contains("sandbox id") && err.contains(&format!("{bad:?}")), "{err}");
+            assert!(!sandboxes.exists(), "prepare({bad}) created {}", sandboxes.display());
+            let err = cleanup_after_shim(&config, bad, bad).expect_err(bad).to_string();
+            assert!(err.contains("sandbox id"), "{err}");
+        }
+        let err = cleanup_after_shim(&config, "pod1", "../../victim").expect_err("bad container id").to_string();
+        assert!(err.contains("container id") && err.contains("../../victim"), "{err}");
+        assert_eq!(std::fs::read_to_string(victim.join("f")).expect("still there"), "keep");
     }
 }

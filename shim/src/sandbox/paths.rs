@@ -11,6 +11,18 @@ pub struct CleanupError {
     pub reason: String,
 }
 
+/// A sandbox (pod) id that may not name a directory: it must be what containerd allows for
+/// a container id (see `nestbox_protocols::stdio::validate_id`), so no '/', no `..`, at
+/// most 128 bytes.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} (the pod id comes from the annotation io.kubernetes.cri.sandbox-id, else it is the container id)")]
+pub struct BadSandboxId(pub String);
+
+/// Checks a sandbox id before it becomes a path.
+pub fn validate_sandbox_id(id: &str) -> Result<(), BadSandboxId> {
+    nestbox_protocols::stdio::validate_id("sandbox id", id).map_err(BadSandboxId)
+}
+
 /// Where a sandbox's files live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SandboxPaths {
@@ -26,6 +38,13 @@ pub struct SandboxPaths {
 }
 
 impl SandboxPaths {
+    /// The paths of pod `id`, which is checked first: a pod id comes from the spec.
+    pub fn of_pod(sandboxes_dir: &Path, id: &str) -> Result<SandboxPaths, BadSandboxId> {
+        validate_sandbox_id(id)?;
+        Ok(SandboxPaths::new(sandboxes_dir, id))
+    }
+
+    /// The paths below `sandboxes_dir/id` for an id the caller made (a template's).
     pub fn new(sandboxes_dir: &Path, id: &str) -> SandboxPaths {
         let dir = sandboxes_dir.join(id);
         SandboxPaths {
@@ -68,6 +87,19 @@ mod tests {
             assert!(inner.starts_with(&p.dir), "{}", inner.display());
         }
         assert_eq!(p.container_dir("c1"), Path::new("/run/nestbox/sandboxes/pod1/shared/c1"));
+    }
+
+    #[test]
+    fn path_like_sandbox_ids_are_refused_by_name() {
+        let base = Path::new("/run/nestbox/sandboxes");
+        for bad in ["../etc", "..", ".", "a/b", "/abs", "", "-x", "a\0b", "a b", &"x".repeat(129)] {
+            let err = SandboxPaths::of_pod(base, bad).expect_err(bad).to_string();
+            assert!(err.contains("sandbox id"), "{err}");
+            assert!(bad.is_empty() || bad.len() > 128 || err.contains(&format!("{bad:?}")), "{err}");
+        }
+        for good in ["pod1", "a..b", "0f3e_x-y.z", &"x".repeat(128)] {
+            assert!(SandboxPaths::of_pod(base, good).is_ok(), "{good}");
+        }
     }
 
     #[test]
