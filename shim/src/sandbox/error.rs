@@ -16,6 +16,8 @@ pub enum SandboxError {
     Dir { path: PathBuf, source: std::io::Error },
     #[error("sandbox {id} already exists at {path} (a shim of that pod is still running, or a crashed one was not cleaned up: `ctr task delete` it)", path = path.display())]
     Exists { id: String, path: PathBuf },
+    #[error("sharing the pod's files with its guest: {0}")]
+    Share(super::mounts::MountError),
     #[error(transparent)]
     Vmm(#[from] vmm::VmmError),
     #[error("the VMM exited ({status}) before the guest's agent answered{details}")]
