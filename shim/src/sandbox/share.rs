@@ -205,4 +205,85 @@ mod tests {
         remove_dir(sandbox.path()).expect("removed");
         assert_eq!(std::fs::read_to_string(root.path().join("data/keep")).expect("kept"), "volume");
     }
+
+    /// A hostile guest's race, played on the host: while the shim's share functions
+    /// create containers' directories, rootfs binds and volume binds, a thread keeps
+    /// swapping every entry they use for a symlink to a host directory. It does so in the
+    /// host-only tree itself (which the guest cannot even write: this is the defence in
+    /// depth below the read-only export) and in the export (where every attempt fails).
+    /// Afterwards nothing outside the pod's tree was mounted on or changed.
+    #[test]
+    fn symlink_swaps_racing_the_share_change_nothing_outside_the_pod() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (root, sandbox) = sandbox();
+        let sb = sandbox.path().to_path_buf();
+        let victim = root.path().join("victim");
+        std::fs::create_dir(&victim).expect("mkdir");
+        std::fs::write(victim.join("keep"), "host file").expect("write");
+        let data = root.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir");
+        std::fs::write(data.join("volume"), "volume").expect("write");
+        // The racer works on the container being made; the shim goes on until it has made
+        // 40 and the racer has won the race (a symlink in place) at least 20 times.
+        let current = std::sync::Arc::new(AtomicUsize::new(0));
+        let swaps = std::sync::Arc::new(AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let racer = {
+            let (stop, current, swaps, sb, victim) =
+                (stop.clone(), current.clone(), swaps.clone(), sb.clone(), victim.clone());
+            std::thread::spawn(move || {
+                let mut refused = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let n = current.load(Ordering::Relaxed);
+                    let c = sb.join(format!("mounts/c{n}"));
+                    for entry in [c.join("rootfs"), c.join("mounts/0"), c.join("mounts")] {
+                        // Only below a real directory: the racer must not write through
+                        // its own symlinks (the guest's resolve in the guest).
+                        let parent = entry.parent().and_then(|p| std::fs::symlink_metadata(p).ok());
+                        if !parent.is_some_and(|m| m.is_dir()) {
+                            continue;
+                        }
+                        let _ = std::fs::remove_dir(&entry).or_else(|_| std::fs::remove_file(&entry));
+                        if std::os::unix::fs::symlink(&victim, &entry).is_ok() {
+                            swaps.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    let exported = sb.join(format!("shared/c{n}/mounts"));
+                    if std::fs::remove_dir(&exported).is_err()
+                        && std::os::unix::fs::symlink(&victim, sb.join(format!("shared/c{n}/x"))).is_err()
+                    {
+                        refused += 1;
+                    }
+                }
+                refused
+            })
+        };
+        let (mut n, mut mounted) = (0, 0);
+        while n < 40 || swaps.load(Ordering::Relaxed) < 20 {
+            assert!(n < 5000, "the racer never got a symlink in");
+            current.store(n, Ordering::Relaxed);
+            if let Ok(c) = container_dir(&sandbox, &format!("c{n}")) {
+                mounted += usize::from(mounts::bind(&data, &c, "rootfs", false).is_ok());
+                if let Ok(binds) = c.dir("mounts") {
+                    mounted += usize::from(mounts::bind(&data, &binds, "0", true).is_ok());
+                }
+            }
+            n += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let refused = racer.join().expect("racer");
+        let swaps = swaps.load(Ordering::Relaxed);
+        assert!(refused > 0, "the racer tried the export");
+
+        let table = mounts_under(root.path()).expect("table");
+        assert!(table.iter().all(|p| p.starts_with(&sb)), "a mount outside the pod: {table:?}");
+        assert!(mounts_under(&victim).expect("table").is_empty());
+        let names: Vec<_> = std::fs::read_dir(&victim).expect("list").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(names, ["keep"], "the victim directory changed");
+        remove_dir(&sb).expect("removed");
+        assert!(mounts_under(root.path()).expect("table").is_empty());
+        assert_eq!(std::fs::read_to_string(victim.join("keep")).expect("untouched"), "host file");
+        assert_eq!(std::fs::read_to_string(data.join("volume")).expect("untouched"), "volume");
+        eprintln!("{n} containers: {mounted} mounts made, {swaps} symlink swaps, {refused} refused in the export");
+    }
 }
