@@ -286,4 +286,48 @@ mod tests {
         assert_eq!(std::fs::read_to_string(data.join("volume")).expect("untouched"), "volume");
         eprintln!("{n} containers: {mounted} mounts made, {swaps} symlink swaps, {refused} refused in the export");
     }
+
+    /// What the guest writes is never a setuid program for the host: nestbox relies on
+    /// nosuid mounts (and the 0700 sandbox directory), not on stripping the bits, which
+    /// the guest's own containers need. A setuid-root `id` in a container's rootfs, run by
+    /// nobody through the share, stays nobody; the same file in the overlay's upper
+    /// directory (an ordinary host directory) would run as root.
+    #[test]
+    fn a_setuid_file_in_the_share_does_not_run_setuid_on_the_host() {
+        use std::os::unix::process::CommandExt;
+        let (root, sandbox) = sandbox();
+        let sb = sandbox.path().to_path_buf();
+        for d in ["lower", "upper", "work"] {
+            std::fs::create_dir(root.path().join(d)).expect("mkdir");
+        }
+        let c1 = container_dir(&sandbox, "c1").expect("container dir");
+        c1.mkdir("rootfs", 0o755).expect("mkdir");
+        let overlay = MountSpec {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: ["lower", "upper", "work"]
+                .iter()
+                .map(|d| format!("{d}dir={}", root.path().join(d).display()))
+                .collect(),
+        };
+        mounts::mount(&overlay, &c1, "rootfs").expect("overlay");
+        // As the guest would make it: written into the rootfs, then chmod u+s.
+        std::fs::copy("/usr/bin/id", sb.join("shared/c1/rootfs/id")).expect("copy");
+        std::fs::set_permissions(sb.join("shared/c1/rootfs/id"), std::fs::Permissions::from_mode(0o4755))
+            .expect("chmod");
+        // Let nobody reach the files (the test's tree only).
+        // (`shared/` is `mounts/` itself, read-only.)
+        for dir in [root.path(), &sb, &sb.join("mounts")] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let euid_of = |program: &Path| {
+            let out = std::process::Command::new(program).arg("-u").uid(65534).gid(65534).output().expect("run");
+            assert!(out.status.success(), "{}: {}", program.display(), String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        assert_eq!(euid_of(&root.path().join("upper/id")), "0", "the control: setuid works outside the share");
+        assert_eq!(euid_of(&sb.join("shared/c1/rootfs/id")), "65534", "through the export");
+        assert_eq!(euid_of(&sb.join("mounts/c1/rootfs/id")), "65534", "through the host-only tree");
+        remove_dir(&sb).expect("removed");
+    }
 }
