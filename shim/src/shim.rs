@@ -33,10 +33,13 @@ pub struct NestboxShim {
 }
 
 /// The pod a bundle's container belongs to (read leniently: a spec that cannot be read
-/// makes the container its own pod, as `create` would then fail for it anyway).
-fn pod_of(bundle: &Path, container_id: &str) -> String {
+/// makes the container its own pod, as `create` would then fail for it anyway). The id
+/// names the pod's socket and directory, so one that cannot be a file name is refused.
+fn pod_of(bundle: &Path, container_id: &str) -> containerd_shim::Result<String> {
     let text = std::fs::read(bundle.join("config.json")).unwrap_or_default();
-    spec::pod_id(&spec::annotations_of(&text), container_id)
+    let pod = spec::pod_id(&spec::annotations_of(&text), container_id);
+    sandbox::validate_sandbox_id(&pod).map_err(other)?;
+    Ok(pod)
 }
 
 fn other(e: impl std::fmt::Display) -> containerd_shim::Error {
@@ -67,7 +70,7 @@ impl containerd_shim::Shim for NestboxShim {
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         // Fail here, where containerd shows the message, rather than in the daemon.
         Config::load().map_err(other)?;
-        let pod = pod_of(&self.bundle, &opts.id);
+        let pod = pod_of(&self.bundle, &opts.id)?;
         let (_pid, address) = containerd_shim::spawn(opts, &pod, Vec::new())?;
         containerd_shim::util::write_address(&address)?;
         Ok(address)
@@ -75,7 +78,7 @@ impl containerd_shim::Shim for NestboxShim {
 
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         let config = Config::load().map_err(other)?;
-        let pod = pod_of(&self.bundle, &self.id);
+        let pod = pod_of(&self.bundle, &self.id)?;
         log::info!("delete: cleaning up container {} of pod {pod} after its shim", self.id);
         sandbox::cleanup_after_shim(&config, &pod, &self.id).map_err(other)?;
         Ok(DeleteResponse {
@@ -103,5 +106,21 @@ impl containerd_shim::Shim for NestboxShim {
         };
         log::info!("nestbox shim {} serving namespace {}", env!("CARGO_PKG_VERSION"), self.namespace);
         Service::new(config, &self.namespace, publisher, self.exit.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shim_start_and_delete_refuse_a_path_like_pod_id() {
+        let bundle = tempfile::tempdir().expect("tempdir");
+        let spec = r#"{"annotations": {"io.kubernetes.cri.sandbox-id": "../../etc"}}"#;
+        std::fs::write(bundle.path().join("config.json"), spec).expect("write");
+        let err = pod_of(bundle.path(), "c1").expect_err("path-like pod id").to_string();
+        assert!(err.contains("sandbox id \"../../etc\""), "{err}");
+        std::fs::write(bundle.path().join("config.json"), r#"{"annotations": {}}"#).expect("write");
+        assert_eq!(pod_of(bundle.path(), "c1").expect("own pod"), "c1");
     }
 }

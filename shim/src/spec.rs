@@ -9,6 +9,7 @@
 
 use crate::sandbox::agent::{GUEST_POD_SHM_DIR, GUEST_SHARED_DIR};
 use crate::sandbox::mounts::{self, MountError};
+use crate::sandbox::Dir;
 use nestbox_protocols::pod;
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Root, Spec};
 use std::collections::HashMap;
@@ -140,13 +141,13 @@ pub fn root_dir(spec: &Spec, bundle: &Path) -> Result<PathBuf, SpecError> {
 }
 
 /// Rewrites the spec for the guest: its root becomes the shared rootfs, and every bind
-/// mount of a host path is shared through `<container_dir>/mounts/<n>` (host side) and
+/// mount of a host path is shared through `<n>` of `binds` (the container's `mounts/`) and
 /// read from there in the guest. `/dev/shm` (containerd binds the pod's shm from the host)
 /// becomes the pod's shm in the guest, one tmpfs for all its containers: shared memory
 /// through virtio-fs would be neither shared nor memory. The namespaces become the pod's
-/// in the guest (see [`pod_namespaces`]). On failure the caller removes `container_dir`
-/// (with what was bound there).
-pub fn rewrite_for_guest(spec: &mut Spec, id: &str, role: PodRole, container_dir: &Path) -> Result<(), SpecError> {
+/// in the guest (see [`pod_namespaces`]). On failure the caller removes the container's
+/// directory (with what was bound there).
+pub fn rewrite_for_guest(spec: &mut Spec, id: &str, role: PodRole, binds: &Dir) -> Result<(), SpecError> {
     pod_namespaces(spec, id, role);
     let guest_dir = format!("{GUEST_SHARED_DIR}/{id}");
     let mut root = spec.root().clone().unwrap_or_else(|| {
@@ -173,8 +174,10 @@ pub fn rewrite_for_guest(spec: &mut Spec, id: &str, role: PodRole, container_dir
             return Err(SpecError::RelativeBindSource { destination, host_path: source.display().to_string() });
         }
         let read_only = mount.options().iter().flatten().any(|o| o == "ro");
-        mounts::bind(&source, &container_dir.join("mounts").join(n.to_string()), read_only).map_err(|error| {
-            SpecError::Share { host_path: source.display().to_string(), destination, error: Box::new(error) }
+        mounts::bind(&source, binds, &n.to_string(), read_only).map_err(|error| SpecError::Share {
+            host_path: source.display().to_string(),
+            destination,
+            error: Box::new(error),
         })?;
         mount.set_source(Some(PathBuf::from(format!("{guest_dir}/mounts/{n}"))));
     }
@@ -248,6 +251,8 @@ mod tests {
         std::fs::create_dir(&host).expect("mkdir");
         std::fs::write(host.join("hosts"), "127.0.0.1 localhost\n").expect("write");
         let container_dir = dir.path().join("shared/c1");
+        std::fs::create_dir_all(container_dir.join("mounts")).expect("mkdir");
+        let binds = Dir::open_root(&container_dir.join("mounts")).expect("open");
         let mut spec = json!({
             "root": {"path": "rootfs", "readonly": false},
             "mounts": [
@@ -265,7 +270,7 @@ mod tests {
         ]});
         let mut typed = spec_of(spec);
         assert_eq!(network_namespace(&typed), Some(PathBuf::from("/proc/4242/ns/net")), "the host's path");
-        rewrite_for_guest(&mut typed, "c1", PodRole::Member, &container_dir).expect("shared");
+        rewrite_for_guest(&mut typed, "c1", PodRole::Member, &binds).expect("shared");
         let spec = json_of(&typed);
         assert_eq!(spec["root"]["path"], "/run/nestbox/shared/c1/rootfs");
         assert_eq!(
@@ -289,15 +294,16 @@ mod tests {
         assert!(mounts::mounts_under(dir.path()).expect("table").is_empty());
 
         let mut relative = spec_of(json!({"mounts": [{"destination": "/x", "type": "bind", "source": "rel"}]}));
-        let err =
-            rewrite_for_guest(&mut relative, "c2", PodRole::Sandbox, &dir.path().join("c2")).expect_err("relative");
+        let err = rewrite_for_guest(&mut relative, "c2", PodRole::Sandbox, &binds).expect_err("relative");
         assert!(err.to_string().contains("/x"));
     }
 
     #[test]
     fn a_spec_without_root_gets_only_the_guest_path() {
         let mut spec = spec_of(json!({}));
-        rewrite_for_guest(&mut spec, "c1", PodRole::Sandbox, Path::new("/nonexistent")).expect("nothing to share");
+        let binds = tempfile::tempdir().expect("tempdir");
+        let binds = Dir::open_root(binds.path()).expect("open");
+        rewrite_for_guest(&mut spec, "c1", PodRole::Sandbox, &binds).expect("nothing to share");
         assert_eq!(json_of(&spec)["root"], json!({"path": "/run/nestbox/shared/c1/rootfs"}));
         assert_eq!(network_namespace(&spec), None);
         let ctr_run = spec_of(json!({"linux": {"namespaces": [{"type": "network"}, {"type": "pid"}]}}));

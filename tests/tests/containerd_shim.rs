@@ -18,6 +18,16 @@
 use nestbox_tests::containerd::{Containerd, BUSYBOX, QUICK, RUNTIME};
 use nestbox_tests::{host_kernel_release, Finished, GUEST_DEADLINE};
 
+/// What the hostile rand2 container tries with the share mounted a second time: symlinks
+/// where the host will mount (`<cid>/mounts/<n>`) or create, and a rename of the binds'
+/// directory; each must fail (read-only), while the rootfs it runs from stays writable.
+const HOSTILE_STEP: &str = "mkdir /hostile && mount -t virtiofs nestbox /hostile && echo share-mounted; \
+    ln -s / /hostile/rand2/mounts/0 && echo made mounts/0 || echo refused mounts/0; \
+    ln -s / /hostile/rand2/evil && echo made rand2/evil || echo refused rand2/evil; \
+    ln -s / /hostile/evil && echo made /evil || echo refused /evil; \
+    mv /hostile/rand2/mounts /hostile/rand2/m && echo made mv || echo refused mv; \
+    touch /hostile/rand2/rootfs/ok && echo rootfs-writable";
+
 /// One call into a running guest: generous, for a loaded machine.
 const IN_GUEST: Duration = Duration::from_secs(300);
 
@@ -222,14 +232,22 @@ fn containers_run_in_their_own_vms() {
     };
     let long = detached("long", "trap 'exit 42' TERM; while true; do sleep 1; done");
     let victim = detached("victim", "while true; do sleep 5; done");
-    let random = |id: &'static str| {
+    let random = |id: &'static str, hostile: &'static str| {
         let c = c.clone();
         std::thread::spawn(move || {
-            let script = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
-            c.ok(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, id, "sh", "-c", script], GUEST_DEADLINE)
+            let script = format!("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; {hostile}");
+            let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+            if !hostile.is_empty() {
+                args.push("--privileged");
+            }
+            args.extend([BUSYBOX, id, "sh", "-c", &script]);
+            c.ok(&args, GUEST_DEADLINE)
         })
     };
-    let (rand1, rand2) = (random("rand1"), random("rand2"));
+    // rand2 also plays the hostile guest (root with the share mounted, as an escaped
+    // container or the guest kernel would have it): the share's own directories, where the
+    // host creates and mounts, are read-only to it; the container's rootfs stays writable.
+    let (rand1, rand2) = (random("rand1", ""), random("rand2", HOSTILE_STEP));
     long.join().expect("long container started");
     victim.join().expect("victim container started");
     assert!(c.vmm_pids().len() >= 2, "two pods, two VMs: {:?}", c.vmm_pids());
@@ -248,6 +266,12 @@ fn containers_run_in_their_own_vms() {
         seen.push(bytes);
     }
     assert_ne!(seen[0], seen[1], "two restored sandboxes read the same random bytes");
+    let hostile = &rand2.stdout;
+    assert!(hostile.contains("share-mounted") && hostile.contains("rootfs-writable"), "{rand2:?}");
+    for target in ["mounts/0", "rand2/evil", "/evil", "mv"] {
+        assert!(hostile.contains(&format!("refused {target}")), "{target} not refused: {rand2:?}");
+    }
+    assert!(!hostile.contains("made "), "the guest wrote into the share's directories: {rand2:?}");
     assert_eq!(log_count(&c, "VM restored"), 5, "every pod restored:\n{}", c.log_tail(60));
     assert_eq!(log_count(&c, "VM booted"), 0, "no pod booted cold");
 

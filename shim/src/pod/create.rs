@@ -9,7 +9,7 @@ use crate::process::{Container, Process};
 use crate::rpc_status::{agent_error, internal, sandbox_error, spec_error, status, RpcResult};
 use crate::sandbox::mounts::{self, MountSpec};
 use crate::sandbox::network::PodNetwork;
-use crate::sandbox::{self, Sandbox};
+use crate::sandbox::{self, Sandbox, SandboxPaths};
 use crate::spec;
 use containerd_shim::api::{CreateTaskRequest, CreateTaskResponse};
 use containerd_shim::protos::events::task::{TaskCreate, TaskIO};
@@ -31,6 +31,8 @@ impl Pod {
         let mut spec = spec::read(Path::new(&req.bundle)).map_err(spec_error)?;
         let annotations = spec.annotations().clone().unwrap_or_default();
         let sandbox_id = spec::pod_id(&annotations, id);
+        // It becomes the sandbox's directory: a path-like one is refused before anything exists.
+        sandbox::validate_sandbox_id(&sandbox_id).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         // Before anything exists: a refused pod leaves nothing behind.
         spec::refuse_host_namespaces(&spec, &annotations, &sandbox_id).map_err(spec_error)?;
 
@@ -135,7 +137,7 @@ impl Pod {
             }
             e
         };
-        self.share_files(&paths.container_dir(&req.id), req, spec).map_err(cleanup)?;
+        self.share_files(&paths, req, spec).map_err(cleanup)?;
         let network = match netns {
             Some(netns) => Some(PodNetwork::setup(&netns).map_err(|e| cleanup(internal(format!("{context}: {e}"))))?),
             None => None,
@@ -161,33 +163,39 @@ impl Pod {
         spec: &mut Spec,
         init: &Process,
     ) -> RpcResult<()> {
-        let container_dir = sandbox.paths.container_dir(&req.id);
         let result =
-            self.share_files(&container_dir, req, spec).and_then(|()| self.create_in_guest(sandbox, req, spec, init));
+            self.share_files(&sandbox.paths, req, spec).and_then(|()| self.create_in_guest(sandbox, req, spec, init));
         if result.is_err() {
-            if let Err(cleanup) = sandbox::remove_dir(&container_dir) {
+            if let Err(cleanup) = sandbox.paths.remove_container_dir(&req.id) {
                 log::error!("container {}: cleanup after failed create: {cleanup}", req.id);
             }
         }
         result
     }
 
-    /// Mounts the container's rootfs and the spec's host files under `container_dir` and
-    /// rewrites the spec to the guest's paths. The caller removes `container_dir` on failure.
-    fn share_files(&self, container_dir: &Path, req: &CreateTaskRequest, spec: &mut Spec) -> RpcResult<()> {
-        let rootfs = container_dir.join("rootfs");
-        std::fs::create_dir_all(&rootfs).map_err(|e| internal(format!("creating {}: {e}", rootfs.display())))?;
+    /// Mounts the container's rootfs and the spec's host files in its directory of the
+    /// sandbox's host-only tree and rewrites the spec to the guest's paths. The caller
+    /// removes the container's directory on failure.
+    fn share_files(&self, paths: &SandboxPaths, req: &CreateTaskRequest, spec: &mut Spec) -> RpcResult<()> {
+        let container_dir = paths.create_container_dir(&req.id).map_err(|e| internal(e.to_string()))?;
         if req.rootfs.is_empty() {
             // No snapshot mounts (`ctr run --rootfs`): the spec's root is a host directory.
             let root = spec::root_dir(spec, Path::new(&req.bundle)).map_err(spec_error)?;
-            mounts::bind(&root, &rootfs, false).map_err(|e| internal(e.to_string()))?;
+            mounts::bind(&root, &container_dir, "rootfs", false).map_err(|e| internal(e.to_string()))?;
+        } else {
+            let rootfs = container_dir.mkdir("rootfs", 0o755);
+            rootfs.map_err(|e| internal(format!("creating {}: {e}", container_dir.display("rootfs").display())))?;
         }
         for m in &req.rootfs {
             let mount = MountSpec { kind: m.type_.clone(), source: m.source.clone(), options: m.options.clone() };
-            mounts::mount(&mount, &rootfs).map_err(|e| internal(format!("mounting the rootfs: {e}")))?;
+            mounts::mount(&mount, &container_dir, "rootfs")
+                .map_err(|e| internal(format!("mounting the rootfs: {e}")))?;
         }
         let role = spec::PodRole::of(&spec.annotations().clone().unwrap_or_default());
-        spec::rewrite_for_guest(spec, &req.id, role, container_dir).map_err(spec_error)
+        let binds = container_dir
+            .dir("mounts")
+            .map_err(|e| internal(format!("opening {}: {e}", container_dir.display("mounts").display())))?;
+        spec::rewrite_for_guest(spec, &req.id, role, &binds).map_err(spec_error)
     }
 
     /// Creates the container in the guest and attaches its standard streams.

@@ -8,7 +8,7 @@ use crate::io::{IoPaths, BOUND_WARNING};
 use crate::metrics::cgroup_v2_metrics;
 use crate::process::{ProcStatus, Process};
 use crate::rpc_status::{agent_error, internal, status, RpcResult};
-use crate::sandbox::{self, Sandbox};
+use crate::sandbox::Sandbox;
 use containerd_shim::api::{
     DeleteRequest, DeleteResponse, ExecProcessRequest, KillRequest, PidsResponse, StartRequest, StartResponse,
     StateRequest, StateResponse, StatsResponse, Status, WaitResponse,
@@ -164,7 +164,7 @@ impl Pod {
             if let Err(e) = sandbox.agent().remove_container(id) {
                 log::error!("removing container {id} from the guest: {e}");
             }
-            if let Err(e) = sandbox::remove_dir(&sandbox.paths.container_dir(id)) {
+            if let Err(e) = sandbox.paths.remove_container_dir(id) {
                 result = Err(internal(format!("cleaning up container {id}: {e}")));
             }
         }

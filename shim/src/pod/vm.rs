@@ -4,7 +4,7 @@
 
 use super::{Pod, VM_DIED_EXIT_STATUS};
 use crate::config::VmSize;
-use crate::process::Process;
+use crate::process::{Process, ProcessTable};
 use crate::rpc_status::{internal, RpcResult};
 use crate::sandbox::network::PodNetwork;
 use crate::sandbox::{Sandbox, SandboxError, SandboxPaths};
@@ -71,12 +71,19 @@ impl Pod {
     /// Polls the agent for OOM kills for as long as the sandbox lives.
     fn watch_oom(self: &Arc<Self>, sandbox: Arc<Sandbox>) {
         let pod = Arc::downgrade(self);
+        let mut foreign = ForeignIds::default();
         let spawned = std::thread::Builder::new().name("oom".into()).spawn(move || loop {
             match sandbox.agent().get_oom_event() {
                 Ok(container_id) => match Weak::upgrade(&pod) {
                     Some(pod) => {
-                        log::warn!("container {container_id}: OOM kill in the guest");
-                        pod.publish(TaskOOM { container_id, ..Default::default() });
+                        let event = oom_event(&pod.state().processes, container_id, &mut foreign);
+                        match event {
+                            Some(event) => {
+                                log::warn!("container {}: OOM kill in the guest", event.container_id);
+                                pod.publish(event);
+                            }
+                            None => continue,
+                        }
                     }
                     None => return,
                 },
@@ -117,5 +124,50 @@ impl Pod {
         }
         log::info!("shutting down");
         self.exit.signal();
+    }
+}
+
+/// Ids the guest named that are not this pod's (its agent may say anything), counted so
+/// that the log says so without the guest being able to flood it.
+#[derive(Default)]
+struct ForeignIds(u64);
+
+impl ForeignIds {
+    fn dropped(&mut self, what: &str, id: &str) {
+        self.0 += 1;
+        if self.0 <= 10 || self.0.is_power_of_two() {
+            let shown: String = id.chars().take(80).collect();
+            log::warn!("the guest sent {what} for {shown:?}, not a container of this pod: dropped ({} so far)", self.0);
+        }
+    }
+}
+
+/// The event for an OOM kill the guest reports in container `container_id`, if that is
+/// one of this pod's (in `processes`): containerd must never hear of an OOM kill in another pod's
+/// container, or in one that does not exist, because a guest said so.
+fn oom_event(processes: &ProcessTable, container_id: String, foreign: &mut ForeignIds) -> Option<TaskOOM> {
+    if !processes.contains(&container_id) {
+        foreign.dropped("an OOM event", &container_id);
+        return None;
+    }
+    Some(TaskOOM { container_id, ..Default::default() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_events_only_for_the_pods_own_containers() {
+        let mut processes = ProcessTable::default();
+        let init = Process::new("c1", "", Default::default(), Vec::new());
+        processes.insert("c1", crate::process::Container::new("/bundle", init));
+        let mut foreign = ForeignIds::default();
+        let event = oom_event(&processes, "c1".into(), &mut foreign).expect("ours");
+        assert_eq!(event.container_id, "c1");
+        for id in ["other-pods-container", "", "c1/../c2", &"x".repeat(10_000)] {
+            assert!(oom_event(&processes, id.to_string(), &mut foreign).is_none(), "{id}");
+        }
+        assert_eq!(foreign.0, 4);
     }
 }

@@ -2,21 +2,24 @@
 //! its guest.
 //!
 //! ```text
-//! <sandboxes_dir>/<id>/
+//! <sandboxes_dir>/<id>/     0700
 //!   console.log    the guest's serial console (also forwarded to the shim's log)
 //!   vmm.log        the VMM's own stderr
 //!   vmm.pid        so a `delete` after a killed shim can find a VMM that outlived it
 //!   vsock.sock     the VMM's hybrid vsock socket (agent API and standard streams)
-//!   shared/        exported to the guest over virtio-fs, mounted there at
-//!     <cid>/rootfs   /run/nestbox/shared: containers' root file systems
+//!   mounts/        host only: where the shim creates and mounts (see `share`)
+//!     <cid>/rootfs   containers' root file systems
 //!     <cid>/mounts/  and the files the spec binds from the host
+//!   shared/        a read-only recursive bind of mounts/, exported to the guest over
+//!                  virtio-fs and mounted there at /run/nestbox/shared
 //! ```
 //!
 //! Cleanup (after a stop, a failed start, a dead VMM, or for a shim that is gone) is one
 //! function, [`remove_dir`]: unmount everything below the directory per the kernel's
-//! mount table, then delete it.
+//! mount table, then delete it, through descriptors that follow no symlink.
 
 pub mod agent;
+mod beneath;
 mod connect;
 mod console;
 mod error;
@@ -25,17 +28,20 @@ pub mod mounts;
 pub mod network;
 mod paths;
 pub mod port_forward;
+mod share;
 pub mod template;
 pub mod vmm;
 
+pub use beneath::Dir;
 pub use error::SandboxError;
-pub use paths::{remove_dir, CleanupError, SandboxPaths};
+pub use paths::{remove_dir, validate_sandbox_id, BadSandboxId, CleanupError, SandboxPaths};
 
 use crate::config::{Config, VmSize};
 use agent::{Agent, AgentError};
 use connect::connect;
 use console::ConsoleTail;
 use network::{NetworkConfig, PodNetwork};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,19 +73,27 @@ impl Sandbox {
     /// Creates the sandbox's directory (and its shared directory), so containers' files
     /// can be mounted there before the VM starts.
     pub fn prepare(config: &Config, id: &str) -> Result<SandboxPaths, SandboxError> {
-        let paths = SandboxPaths::new(&config.sandboxes_dir, id);
-        if paths.dir.exists() {
-            return Err(SandboxError::Exists { id: id.to_string(), path: paths.dir });
-        }
+        let paths = SandboxPaths::of_pod(&config.sandboxes_dir, id)?;
         let dir_error = |path: &Path| {
             let path = path.to_path_buf();
             move |source| SandboxError::Dir { path, source }
         };
-        std::fs::create_dir_all(&config.sandboxes_dir).map_err(dir_error(&config.sandboxes_dir))?;
-        std::fs::create_dir(&paths.dir).map_err(dir_error(&paths.dir))?;
-        if let Err(e) = std::fs::create_dir(&paths.shared) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.sandboxes_dir)
+            .map_err(dir_error(&config.sandboxes_dir))?;
+        let root = Dir::open_root(&config.sandboxes_dir).map_err(dir_error(&config.sandboxes_dir))?;
+        let sandbox = match root.mkdir(id, 0o700) {
+            Ok(sandbox) => sandbox,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(SandboxError::Exists { id: id.to_string(), path: paths.dir })
+            }
+            Err(e) => return Err(SandboxError::Dir { path: paths.dir, source: e }),
+        };
+        if let Err(e) = share::create(&sandbox) {
             let _ = remove_dir(&paths.dir);
-            return Err(SandboxError::Dir { path: paths.shared.clone(), source: e });
+            return Err(SandboxError::Share(e));
         }
         // A shared mount before anything is mounted below, so that what is (the pod's
         // rootfs, then its containers') also reaches the jailed VMM's mount namespace.
@@ -334,7 +348,9 @@ fn exit_handler(
 /// (normally the parent-death signal already did), unmount the container's (or, for the
 /// pod's own container, the whole sandbox's) mounts and remove the directories.
 pub fn cleanup_after_shim(config: &Config, sandbox_id: &str, container_id: &str) -> Result<(), SandboxError> {
-    let paths = SandboxPaths::new(&config.sandboxes_dir, sandbox_id);
+    let paths = SandboxPaths::of_pod(&config.sandboxes_dir, sandbox_id)?;
+    // containerd's id, but it becomes a path below the sandbox: checked as create checks it.
+    nestbox_protocols::stdio::validate_id("container id", container_id).map_err(SandboxError::BadContainerId)?;
     if container_id == sandbox_id {
         if vmm::kill_stale(&paths.pid_file, &paths.vsock) {
             log::warn!("sandbox {sandbox_id}: killed a VMM left by a shim that is gone");
@@ -349,6 +365,33 @@ pub fn cleanup_after_shim(config: &Config, sandbox_id: &str, container_id: &str)
         }
         Ok(remove_dir(&paths.dir)?)
     } else {
-        Ok(remove_dir(&paths.container_dir(container_id))?)
+        Ok(paths.remove_container_dir(container_id)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A path-like pod id (from a spec's annotation) is refused by name, and neither
+    /// creating nor cleaning up touches anything.
+    #[test]
+    fn a_path_like_pod_id_creates_and_removes_nothing() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let sandboxes = root.path().join("sandboxes");
+        let config = Config::parse(&format!("[runtime]\nsandboxes_dir = {:?}\n", sandboxes), None).expect("config");
+        let victim = root.path().join("victim");
+        std::fs::create_dir(&victim).expect("mkdir");
+        std::fs::write(victim.join("f"), "keep").expect("write");
+        for bad in ["../victim", "..", "a/b", "/tmp"] {
+            let err = Sandbox::prepare(&config, bad).expect_err(bad).to_string();
+            assert!(err.contains("sandbox id") && err.contains(&format!("{bad:?}")), "{err}");
+            assert!(!sandboxes.exists(), "prepare({bad}) created {}", sandboxes.display());
+            let err = cleanup_after_shim(&config, bad, bad).expect_err(bad).to_string();
+            assert!(err.contains("sandbox id"), "{err}");
+        }
+        let err = cleanup_after_shim(&config, "pod1", "../../victim").expect_err("bad container id").to_string();
+        assert!(err.contains("container id") && err.contains("../../victim"), "{err}");
+        assert_eq!(std::fs::read_to_string(victim.join("f")).expect("still there"), "keep");
     }
 }

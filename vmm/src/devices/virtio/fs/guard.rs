@@ -13,6 +13,21 @@
 //!   directory are no way out: the guest kernel opens special files itself, with its own
 //!   drivers, without asking the file server.)
 //!
+//! - OPEN of anything but a regular file: the guest kernel opens device nodes, FIFOs and
+//!   sockets itself (its own drivers), never through the file server, so an OPEN of one
+//!   is a raw request meant to make the VMM open a host device (the passthrough refuses
+//!   them too, with EBADF; this is said once more here, where it is tested).
+//! - Extended attributes the host's kernel acts on: setting `security.capability` (file
+//!   capabilities a host exec would grant) and any `trusted.*` access (overlayfs and other
+//!   host-kernel metadata, readable and writable only with CAP_SYS_ADMIN, which the VMM
+//!   has and the guest must not borrow). `trusted.*` names still show in LISTXATTR.
+//!
+//! Setuid and setgid bits are kept, not stripped: the guest's containers need them (a
+//! package manager installing sudo). What keeps them from the host is the mounts: the
+//! shim mounts every rootfs and volume nosuid,nodev below a 0700 sandbox directory
+//! (docs/shim.md, "The share and a hostile guest"), so no host exec through the share
+//! honours them.
+//!
 //! It also lets the guest send large requests (BIG_WRITES, MAX_PAGES), which the
 //! passthrough serves but does not ask for.
 //!
@@ -50,6 +65,18 @@ fn refused() -> io::Error {
 /// Whether LOOKUP may resolve `name`.
 pub fn lookup_allowed(name: &CStr) -> bool {
     !matches!(name.to_bytes(), b"." | b"..")
+}
+
+/// Whether extended attribute `name` may be set (`set`) or read and removed.
+pub fn xattr_allowed(name: &CStr, set: bool) -> bool {
+    let name = name.to_bytes();
+    !(name.starts_with(b"trusted.") || (set && name == b"security.capability"))
+}
+
+/// Whether OPEN may open an inode of this `mode`: regular files only (directories are
+/// opened with OPENDIR).
+pub fn open_allowed(mode: u32) -> bool {
+    mode & libc::S_IFMT == libc::S_IFREG
 }
 
 /// Whether MKNOD may create a node of this `mode`.
@@ -139,6 +166,11 @@ impl FileSystem for SharedDirFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions, Option<u32>)> {
+        // The inode's type never changes, so this check cannot be raced.
+        let (attr, _) = self.inner.getattr(ctx, inode, None)?;
+        if !open_allowed(attr.st_mode) {
+            return Err(refused());
+        }
         self.inner.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -265,10 +297,16 @@ impl FileSystem for SharedDirFs {
     }
 
     fn setxattr(&self, ctx: &Context, inode: Inode, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
+        if !xattr_allowed(name, true) {
+            return Err(refused());
+        }
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
     fn getxattr(&self, ctx: &Context, inode: Inode, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+        if !xattr_allowed(name, false) {
+            return Err(refused());
+        }
         self.inner.getxattr(ctx, inode, name, size)
     }
 
@@ -277,6 +315,9 @@ impl FileSystem for SharedDirFs {
     }
 
     fn removexattr(&self, ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
+        if !xattr_allowed(name, false) {
+            return Err(refused());
+        }
         self.inner.removexattr(ctx, inode, name)
     }
 
@@ -314,6 +355,8 @@ mod tests {
         let cfg = fuse_backend_rs::passthrough::Config {
             root_dir: base.join("shared").to_str().unwrap().to_string(),
             do_import: true,
+            // As the device has it.
+            xattr: true,
             ..Default::default()
         };
         let fs = PassthroughFs::new(cfg).unwrap();
@@ -362,5 +405,90 @@ mod tests {
         assert!(mknod_allowed(libc::S_IFIFO | 0o600));
         assert!(mknod_allowed(libc::S_IFSOCK | 0o600));
         assert!(mknod_allowed(libc::S_IFREG | 0o600));
+    }
+
+    #[test]
+    fn xattrs_the_host_kernel_acts_on_are_refused() {
+        assert!(!xattr_allowed(c"security.capability", true));
+        assert!(xattr_allowed(c"security.capability", false), "reading and dropping capabilities is harmless");
+        for name in [c"trusted.overlay.opaque", c"trusted.x", c"trusted."] {
+            assert!(!xattr_allowed(name, true) && !xattr_allowed(name, false), "{name:?}");
+        }
+        for name in [c"user.x", c"security.selinux", c"system.posix_acl_access"] {
+            assert!(xattr_allowed(name, true), "{name:?}");
+        }
+        assert!(open_allowed(libc::S_IFREG | 0o644));
+        for kind in [libc::S_IFCHR, libc::S_IFBLK, libc::S_IFIFO, libc::S_IFSOCK, libc::S_IFDIR, libc::S_IFLNK] {
+            assert!(!open_allowed(kind | 0o644), "{kind:o}");
+        }
+    }
+
+    /// The length of xattr `name` of `path` on the host, if it has one.
+    fn host_xattr_len(path: &std::path::Path, name: &CStr) -> Option<usize> {
+        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: two NUL-terminated strings; a null buffer of size 0 only asks the size.
+        let len = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        usize::try_from(len).ok()
+    }
+
+    /// What a hostile guest kernel can ask for by raw requests, at the FUSE level: opening
+    /// a host device node, FIFO or socket found in the share (a container image may carry
+    /// device nodes), truncating one, setting capability and trusted xattrs. Each is
+    /// refused and the host file is left as it was; a setuid file keeps its bits (the
+    /// mounts are nosuid: see the module's comment).
+    #[test]
+    fn raw_requests_for_host_devices_and_privileged_xattrs_are_refused() {
+        use fuse_backend_rs::api::filesystem::ROOT_ID;
+        let base = std::env::temp_dir().join(format!("nestbox-fs-guard-raw-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("shared")).unwrap();
+        // A host device node (what /dev/null is) and a FIFO, as an image's layer may carry.
+        let made = |args: &[&str]| std::process::Command::new(args[0]).args(&args[1..]).status().unwrap().success();
+        let null = base.join("shared/null");
+        assert!(made(&["mknod", "-m", "666", null.to_str().unwrap(), "c", "1", "3"]));
+        assert!(made(&["mkfifo", base.join("shared/fifo").to_str().unwrap()]));
+        std::fs::write(base.join("shared/file"), b"data").unwrap();
+        let ctx = Context::new();
+        let fs = SharedDirFs::new(shared_dir_under(&base));
+
+        for name in [c"null", c"fifo"] {
+            let entry = fs.lookup(&ctx, ROOT_ID, name).unwrap();
+            for flags in [libc::O_RDONLY, libc::O_RDWR, libc::O_WRONLY | libc::O_NONBLOCK] {
+                let err = fs.open(&ctx, entry.inode, flags as u32, 0).expect_err("refused");
+                assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{name:?}");
+            }
+            let mut attr = entry.attr;
+            attr.st_size = 0;
+            assert!(fs.setattr(&ctx, entry.inode, attr, None, SetattrValid::SIZE).is_err(), "{name:?} truncated");
+        }
+        let file = fs.lookup(&ctx, ROOT_ID, c"file").unwrap();
+        fs.open(&ctx, file.inode, libc::O_RDONLY as u32, 0).expect("a regular file opens");
+        // A capability set (version 2, CAP_SYS_ADMIN) and a trusted xattr.
+        let mut caps = [0u8; 20];
+        caps[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+        caps[4..8].copy_from_slice(&(1u32 << 21).to_le_bytes());
+        for (name, value) in
+            [(c"security.capability", &caps[..]), (c"trusted.overlay.opaque", b"y"), (c"trusted.x", b"1")]
+        {
+            let err = fs.setxattr(&ctx, file.inode, name, value, 0).expect_err("refused");
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{name:?}");
+            assert!(host_xattr_len(&base.join("shared/file"), name).is_none(), "{name:?} set");
+        }
+        assert!(fs.getxattr(&ctx, file.inode, c"trusted.x", 64).is_err());
+        fs.setxattr(&ctx, file.inode, c"user.note", b"fine", 0).expect("user xattrs are the guest's");
+        // The control: the bare passthrough (running as root, as the VMM does) sets them.
+        let bare = shared_dir_under(&base);
+        let bare_file = bare.lookup(&ctx, ROOT_ID, c"file").unwrap();
+        bare.setxattr(&ctx, bare_file.inode, c"trusted.x", b"1", 0).expect("the bare passthrough sets trusted.x");
+        assert_eq!(host_xattr_len(&base.join("shared/file"), c"trusted.x"), Some(1));
+
+        let mut attr = file.attr;
+        attr.st_mode = libc::S_IFREG | 0o4755;
+        fs.setattr(&ctx, file.inode, attr, None, SetattrValid::MODE).expect("chmod u+s");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(base.join("shared/file")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o4755, "kept: the mounts are nosuid");
+        assert!(base.join("shared/null").exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -235,6 +235,9 @@ impl Worker {
 }
 
 #[cfg(test)]
+mod raw_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
