@@ -136,6 +136,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     const SETXATTR: u32 = 21;
     const OPENDIR: u32 = 27;
     const READDIR: u32 = 28;
+    const RELEASE: u32 = 18;
     const CREATE: u32 = 35;
     const FALLOCATE: u32 = 43;
     let le32 = |v: u32| v.to_le_bytes();
@@ -192,6 +193,17 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 ),
                 fuse(LOOKUP, 7, 1, b"s\0"),
                 fuse(FALLOCATE, 8, 2, &body(&[&le64(1), &le64(0), &le64(1 << 40), &le32(0), &le32(0)])),
+            ],
+        ),
+        (
+            // READ and WRITE carry the guest's file flags, which the passthrough applies to
+            // the handle's descriptor with F_SETFL; O_DIRECT on a directory fails that.
+            "read-dir-odirect",
+            vec![
+                init.clone(),
+                fuse(OPEN, 2, 1, &body(&[&le32(0), &le32(0)])),
+                fuse(READ, 3, 1, &body(&[&le64(1), &le64(0), &le32(64), &le32(0), &le64(0), &le32(0o40000), &le32(0)])),
+                fuse(RELEASE, 4, 1, &body(&[&le64(1), &le32(0), &le32(0), &le64(0)])),
             ],
         ),
         (
