@@ -191,7 +191,7 @@ impl Guest {
                     d[8..12].copy_from_slice(&u32::from(len).to_le_bytes());
                     d[12..14].copy_from_slice(&flags.to_le_bytes());
                     d[14..].copy_from_slice(&u16::from(next).to_le_bytes());
-                    self.write(table + 16 * u64::from(i), &d);
+                    self.write(table.wrapping_add(16 * u64::from(i)), &d);
                 }
                 let head = self.rings[q].next_desc;
                 self.write_desc(q, head, table, 16 * n, F_INDIRECT, 0);
