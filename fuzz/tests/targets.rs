@@ -6,7 +6,54 @@
 
 use nestbox_fuzz::{Target, TARGETS};
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// The input being run, for the panic hook: (target, bytes).
+static CURRENT: Mutex<(&str, Vec<u8>)> = Mutex::new(("", Vec::new()));
+
+/// Any panic, on any thread (a device thread's included, which its owner would only see
+/// as a failed join), ends the process as under libFuzzer: the message and a backtrace
+/// on stdout, the input saved in `fuzz/artifacts/<target>/`.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        println!("panic: {info}\n{}", std::backtrace::Backtrace::force_capture());
+        if let Ok(current) = CURRENT.try_lock() {
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("artifacts").join(current.0);
+            let path = dir.join(format!("test-crash-{}", std::process::id()));
+            if std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, &current.1)).is_ok() {
+                println!(
+                    "the input is in {} (replay: fuzz/target/.../{} {})",
+                    path.display(),
+                    current.0,
+                    path.display()
+                );
+            }
+        }
+        std::process::abort();
+    }));
+}
+
+/// The devices log what a guest did wrong to stderr (a few lines per device, so many per
+/// second here): stderr goes to /dev/null unless NESTBOX_FUZZ_TEST_STDERR is set.
+fn quiet_stderr() {
+    if std::env::var_os("NESTBOX_FUZZ_TEST_STDERR").is_some() {
+        return;
+    }
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null").expect("/dev/null");
+    // SAFETY: dup2 onto descriptor 2, which std only ever writes to.
+    unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 2) };
+}
+
+fn run_one(target: &Target, input: &[u8]) {
+    {
+        let mut current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+        current.0 = target.name;
+        current.1.clear();
+        current.1.extend_from_slice(input);
+    }
+    (target.run)(input);
+}
 
 fn corpus_dir(target: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target)
@@ -65,10 +112,10 @@ fn mutate(rng: &mut Rng, corpus: &[Vec<u8>]) -> Vec<u8> {
 fn exercise(target: &Target) {
     let corpus = corpus(target);
     for input in &corpus {
-        (target.run)(input);
+        run_one(target, input);
     }
     for (_, seed) in (target.seeds)() {
-        (target.run)(&seed);
+        run_one(target, &seed);
     }
     let seconds = std::env::var("NESTBOX_FUZZ_TEST_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
     let seed = std::env::var("NESTBOX_FUZZ_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
@@ -80,7 +127,7 @@ fn exercise(target: &Target) {
     let mut runs = 0u64;
     while Instant::now() < deadline {
         let input = mutate(&mut rng, &corpus);
-        (target.run)(&input);
+        run_one(target, &input);
         runs += 1;
     }
     println!("{}: {} corpus inputs, {runs} random inputs", target.name, corpus.len());
@@ -139,6 +186,8 @@ fn main() {
         return write_seed_corpus();
     }
     let tmpfs = private_scratch();
+    install_panic_hook();
+    quiet_stderr();
     for target in TARGETS.iter().filter(|t| names.is_empty() || names.iter().any(|n| n == t.name)) {
         exercise(target);
     }
