@@ -9,6 +9,7 @@
 
 pub mod guest;
 pub mod input;
+pub mod scratch;
 pub mod targets;
 
 /// A fuzz target: its name (that of its binary and corpus directory), the function that
@@ -27,32 +28,3 @@ pub const TARGETS: &[Target] = &[
     Target { name: "snapshot", run: targets::snapshot::run, seeds: targets::snapshot::seeds },
     Target { name: "virtio_net", run: targets::virtio_net::run, seeds: targets::virtio_net::seeds },
 ];
-
-/// A directory of this process for a target's files (sockets, the shared directory, a
-/// snapshot), created on first use. `NESTBOX_FUZZ_SCRATCH` places it (scripts/fuzz points
-/// it at a small tmpfs); the default is under the temporary directory.
-pub fn scratch_dir(target: &str) -> std::path::PathBuf {
-    let dir = scratch_base().join(format!("{}{target}", scratch_prefix()));
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        panic!("fuzz scratch directory {}: {e}", dir.display());
-    }
-    dir
-}
-
-fn scratch_base() -> std::path::PathBuf {
-    std::env::var_os("NESTBOX_FUZZ_SCRATCH").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir)
-}
-
-fn scratch_prefix() -> String {
-    format!("nestbox-fuzz-{}-", std::process::id())
-}
-
-/// Removes the scratch directories of this process.
-pub fn remove_scratch() {
-    let (base, prefix) = (scratch_base(), scratch_prefix());
-    for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}

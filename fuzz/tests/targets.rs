@@ -191,7 +191,7 @@ fn main() {
     for target in TARGETS.iter().filter(|t| names.is_empty() || names.iter().any(|n| n == t.name)) {
         exercise(target);
     }
-    nestbox_fuzz::remove_scratch();
+    nestbox_fuzz::scratch::remove();
     if let Some(dir) = tmpfs {
         let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).expect("path without NUL");
         // SAFETY: umount of the tmpfs this process mounted.

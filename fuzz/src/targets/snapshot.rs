@@ -54,7 +54,7 @@ pub fn run(data: &[u8]) {
         1 => frame(1, input.rest()),
         _ => input.rest().to_vec(),
     };
-    let dir = crate::scratch_dir("snapshot");
+    let dir = crate::scratch::dir("snapshot");
     std::fs::write(dir.join(STATE_FILE), &file).expect("writing the state file");
     let Ok(state) = read_state(&dir) else { return };
 
@@ -164,7 +164,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         virtio: vec![vsock, net],
         net: Some(NetState { mac: MacAddr([2, 0, 0, 0, 0, 9]), acked_features: 1 << 32 }),
     };
-    let dir = crate::scratch_dir("snapshot-seed");
+    let dir = crate::scratch::dir("snapshot-seed");
     nestbox_vmm::snapshot::write_state(&dir, &state).expect("writing a seed state");
     let file = std::fs::read(dir.join(STATE_FILE)).expect("reading the seed state");
     let _ = std::fs::remove_dir_all(&dir);

@@ -87,7 +87,7 @@ fn limit_file_size() {
 
 pub fn run(data: &[u8]) {
     limit_file_size();
-    let base = crate::scratch_dir("virtio_fs");
+    let base = crate::scratch::dir("virtio_fs");
     let share = base.join("share");
     if !base.join("outside").exists() {
         std::fs::create_dir_all(base.join("outside")).expect("outside dir");
@@ -121,29 +121,40 @@ fn body(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
 }
 
-pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    const INIT: u32 = 26;
-    const LOOKUP: u32 = 1;
-    const FORGET: u32 = 2;
-    const GETATTR: u32 = 3;
-    const SETATTR: u32 = 4;
-    const MKNOD: u32 = 8;
-    const MKDIR: u32 = 9;
-    const RENAME: u32 = 12;
-    const OPEN: u32 = 14;
-    const READ: u32 = 15;
-    const WRITE: u32 = 16;
-    const SETXATTR: u32 = 21;
-    const OPENDIR: u32 = 27;
-    const READDIR: u32 = 28;
-    const RELEASE: u32 = 18;
-    const CREATE: u32 = 35;
-    const FALLOCATE: u32 = 43;
-    let le32 = |v: u32| v.to_le_bytes();
-    let le64 = |v: u64| v.to_le_bytes();
+fn le32(v: u32) -> [u8; 4] {
+    v.to_le_bytes()
+}
+
+fn le64(v: u64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+/// FUSE opcodes the seeds use.
+mod op {
+    pub const INIT: u32 = 26;
+    pub const LOOKUP: u32 = 1;
+    pub const FORGET: u32 = 2;
+    pub const GETATTR: u32 = 3;
+    pub const SETATTR: u32 = 4;
+    pub const MKNOD: u32 = 8;
+    pub const MKDIR: u32 = 9;
+    pub const RENAME: u32 = 12;
+    pub const OPEN: u32 = 14;
+    pub const READ: u32 = 15;
+    pub const WRITE: u32 = 16;
+    pub const SETXATTR: u32 = 21;
+    pub const OPENDIR: u32 = 27;
+    pub const READDIR: u32 = 28;
+    pub const RELEASE: u32 = 18;
+    pub const CREATE: u32 = 35;
+    pub const FALLOCATE: u32 = 43;
+}
+
+/// Seed sessions: (name, FUSE requests in order).
+fn sessions() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    use op::*;
     let init = fuse(INIT, 1, 0, &body(&[&le32(7), &le32(31), &le32(0x2_0000), &le32(0)]));
-    // (request, its queue) in order; each gets a 4 KiB reply buffer.
-    let sessions: Vec<(&str, Vec<Vec<u8>>)> = vec![
+    vec![
         (
             "read-write",
             vec![
@@ -218,8 +229,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 fuse(FORGET, 7, 2, &le64(1)),
             ],
         ),
-    ];
-    sessions
+    ]
+}
+
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    sessions()
         .into_iter()
         .map(|(name, requests)| {
             let mut e = Encoder::default();

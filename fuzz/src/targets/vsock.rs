@@ -31,7 +31,7 @@ pub fn run(data: &[u8]) {
         }
     }
 
-    let dir = crate::scratch_dir("vsock");
+    let dir = crate::scratch::dir("vsock");
     let uds = dir.join("v.sock");
     let host_port = dir.join(format!("v.sock_{HOST_PORT}"));
     for path in [&uds, &host_port] {
