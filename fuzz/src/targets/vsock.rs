@@ -20,6 +20,11 @@ const GUEST_CID: u64 = 3;
 pub const HOST_PORT: u32 = 1024;
 
 pub fn run(data: &[u8]) {
+    run_in(data);
+}
+
+/// Runs one input; the guest it leaves behind.
+fn run_in(data: &[u8]) -> Guest {
     let mut input = Input::new(data);
     let flags = input.u8();
     let (announce_reset, host_client, event_idx) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
@@ -70,6 +75,7 @@ pub fn run(data: &[u8]) {
     for path in [&uds, &host_port] {
         let _ = std::fs::remove_file(path);
     }
+    guest
 }
 
 /// A packet header as the guest writes it (virtio 1.2, 5.10.6).
@@ -127,4 +133,29 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     e.u8(OP_DEVICE).u8(0);
     seeds.push(("short-payload", e.0));
     seeds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nestbox_vmm::devices::virtio::vsock::packet::OP_RESPONSE;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// The harness reaches a connected stream: the guest's REQUEST to the host port is
+    /// answered with RESPONSE.
+    #[test]
+    fn a_request_to_the_host_port_connects() {
+        use nestbox_vmm::devices::virtio::vsock::packet::OP_REQUEST;
+        let mut e = Encoder::default();
+        e.u8(0);
+        encode_chain(&mut e, 0, &[(0x1000, 4096, true, b"")]);
+        encode_chain(&mut e, 1, &[(0, 44, false, &header(5000, 2, HOST_PORT, 0, OP_REQUEST, 0, 65536))]);
+        let guest = run_in(&e.0);
+        let used_idx: u16 = guest.mem.read_obj(GuestAddress(crate::guest::queue_base(0) + 0x2000 + 2)).unwrap();
+        assert!(used_idx >= 1, "no RX buffer used");
+        let first_rx = crate::guest::DATA + 0x1000 * 16;
+        let op: u16 = guest.mem.read_obj(GuestAddress(first_rx + 30)).unwrap();
+        let dst_port: u32 = guest.mem.read_obj(GuestAddress(first_rx + 20)).unwrap();
+        assert_eq!((op, dst_port), (OP_RESPONSE, 5000), "the first RX packet answers the REQUEST");
+    }
 }
