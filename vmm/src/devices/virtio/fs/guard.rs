@@ -131,8 +131,10 @@ impl FileSystem for SharedDirFs {
     }
 
     fn releasedir(&self, ctx: &Context, inode: Inode, flags: u32, handle: Handle) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        // Only once the passthrough has let the handle go (it refuses a wrong inode).
         self.handles().remove(&handle);
-        self.inner.releasedir(ctx, inode, flags, handle)
+        Ok(())
     }
 
     fn mkdir(&self, ctx: &Context, parent: Inode, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
@@ -189,8 +191,10 @@ impl FileSystem for SharedDirFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        // Only once the passthrough has let the handle go (it refuses a wrong inode).
         self.handles().remove(&handle);
-        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+        Ok(())
     }
 
     fn create(
@@ -440,6 +444,10 @@ mod tests {
         let guarded = SharedDirFs::new(shared_dir_under(&base));
         let handle = guarded.open(&ctx, ROOT_ID, libc::O_RDONLY as u32, 0).unwrap().0.expect("a handle");
         let open = open_on_shared();
+        let _ = guarded.read(&ctx, ROOT_ID, handle, &mut Sink, 64, 0, None, libc::O_DIRECT as u32);
+        assert_eq!(open_on_shared(), open, "the handle's descriptor was closed under it");
+        // A RELEASE the passthrough refuses (wrong inode) leaves the handle, and the guard.
+        assert!(guarded.release(&ctx, ROOT_ID + 1, 0, handle, false, false, None).is_err());
         let _ = guarded.read(&ctx, ROOT_ID, handle, &mut Sink, 64, 0, None, libc::O_DIRECT as u32);
         assert_eq!(open_on_shared(), open, "the handle's descriptor was closed under it");
         guarded.release(&ctx, ROOT_ID, 0, handle, false, false, None).unwrap();
