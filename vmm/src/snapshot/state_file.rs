@@ -44,10 +44,12 @@ pub fn read_state(dir: &Path) -> Result<MicrovmState, SnapshotError> {
     if version != FORMAT_VERSION && version != 1 {
         return Err(invalid(format!("format version {version}, this VMM reads versions 1 to {FORMAT_VERSION}")));
     }
-    let len = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default()) as usize;
-    if bytes.len() != 20 + len + 8 {
-        return Err(invalid(format!("truncated or padded: {} bytes, the header says {}", bytes.len(), 20 + len + 8)));
+    let len = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default());
+    // Checked: a length near 2^64 must not wrap around to the file's size.
+    if usize::try_from(len).ok().and_then(|len| len.checked_add(28)) != Some(bytes.len()) {
+        return Err(invalid(format!("truncated or padded: {} bytes, the header says a payload of {len}", bytes.len())));
     }
+    let len = bytes.len() - 28;
     let payload = &bytes[20..20 + len];
     let sum = u64::from_le_bytes(bytes[20 + len..].try_into().unwrap_or_default());
     if fnv64(payload) != sum {
@@ -101,6 +103,23 @@ mod tests {
         write_raw(&dir, 3, b"later");
         let err = read_state(&dir).unwrap_err().to_string();
         assert!(err.contains("format version 3"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found by the snapshot fuzz target: a header length that made `20 + len + 8` wrap
+    /// around to the file's size passed the size check, then panicked slicing.
+    #[test]
+    fn a_length_that_wraps_around_is_refused() {
+        let dir = std::env::temp_dir().join(format!("nestbox-state-wrap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(u64::MAX - 3).to_le_bytes()); // + 28 wraps to 24
+        bytes.extend_from_slice(&[0; 4]);
+        assert_eq!(bytes.len(), 24);
+        std::fs::write(dir.join(STATE_FILE), bytes).unwrap();
+        let err = read_state(&dir).unwrap_err().to_string();
+        assert!(err.contains("truncated or padded: 24 bytes"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

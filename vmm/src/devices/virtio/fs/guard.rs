@@ -28,6 +28,15 @@
 //! (docs/shim.md, "The share and a hostile guest"), so no host exec through the share
 //! honours them.
 //!
+//! - READ and WRITE flags: a request carries the guest's current flags of the file, which
+//!   the passthrough applies to the handle's host descriptor with F_SETFL. When that
+//!   fails (O_DIRECT on a directory, say), fuse-backend-rs 0.14 drops the `File` it made
+//!   from the descriptor it only borrowed, closing it, and closes the number again at
+//!   RELEASE: in between, the number may be reused by any file or socket of the VMM,
+//!   which READ and WRITE on the handle then reach. The guard gives READ and WRITE the
+//!   flags the handle was opened with, so the passthrough never calls F_SETFL (a guest
+//!   that changes O_NONBLOCK or O_APPEND after open keeps the host descriptor's).
+//!
 //! It also lets the guest send large requests (BIG_WRITES, MAX_PAGES), which the
 //! passthrough serves but does not ask for.
 //!
@@ -40,8 +49,10 @@ use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// The passthrough's node and handle ids (plain u64 in fuse-backend-rs, not exported).
@@ -50,11 +61,31 @@ type Handle = u64;
 
 pub struct SharedDirFs {
     inner: PassthroughFs,
+    /// The flags each open handle was opened with (as many entries as the passthrough
+    /// has handles).
+    open_flags: Mutex<HashMap<Handle, u32>>,
 }
 
 impl SharedDirFs {
     pub fn new(inner: PassthroughFs) -> SharedDirFs {
-        SharedDirFs { inner }
+        SharedDirFs { inner, open_flags: Mutex::new(HashMap::new()) }
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<Handle, u32>> {
+        self.open_flags.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn opened<T>(&self, handle: Option<Handle>, flags: u32, result: T) -> T {
+        if let Some(handle) = handle {
+            self.handles().insert(handle, flags);
+        }
+        result
+    }
+
+    /// The flags READ and WRITE pass on: the handle's own. For a handle the passthrough
+    /// does not have, the guest's (the passthrough refuses the handle before using them).
+    fn flags_of(&self, handle: Handle, guest_flags: u32) -> u32 {
+        self.handles().get(&handle).copied().unwrap_or(guest_flags)
     }
 }
 
@@ -97,7 +128,8 @@ impl FileSystem for SharedDirFs {
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        self.inner.destroy();
+        self.handles().clear();
     }
 
     fn statfs(&self, ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
@@ -120,11 +152,16 @@ impl FileSystem for SharedDirFs {
     }
 
     fn opendir(&self, ctx: &Context, inode: Inode, flags: u32) -> io::Result<(Option<Handle>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        let opened = self.inner.opendir(ctx, inode, flags)?;
+        // The passthrough opens (and records) directories with O_DIRECTORY added.
+        Ok(self.opened(opened.0, flags | libc::O_DIRECTORY as u32, opened))
     }
 
     fn releasedir(&self, ctx: &Context, inode: Inode, flags: u32, handle: Handle) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        // Only once the passthrough has let the handle go (it refuses a wrong inode).
+        self.handles().remove(&handle);
+        Ok(())
     }
 
     fn mkdir(&self, ctx: &Context, parent: Inode, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
@@ -171,7 +208,8 @@ impl FileSystem for SharedDirFs {
         if !open_allowed(attr.st_mode) {
             return Err(refused());
         }
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        Ok(self.opened(opened.0, flags, opened))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -185,7 +223,10 @@ impl FileSystem for SharedDirFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        // Only once the passthrough has let the handle go (it refuses a wrong inode).
+        self.handles().remove(&handle);
+        Ok(())
     }
 
     fn create(
@@ -195,7 +236,9 @@ impl FileSystem for SharedDirFs {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
-        self.inner.create(ctx, parent, name, args)
+        let flags = args.flags;
+        let created = self.inner.create(ctx, parent, name, args)?;
+        Ok(self.opened(created.1, flags, created))
     }
 
     fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
@@ -214,6 +257,7 @@ impl FileSystem for SharedDirFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.flags_of(handle, flags);
         self.inner.read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
 
@@ -231,6 +275,7 @@ impl FileSystem for SharedDirFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.flags_of(handle, flags);
         self.inner.write(ctx, inode, handle, r, size, offset, lock_owner, delayed_write, flags, fuse_flags)
     }
 
@@ -395,6 +440,61 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
         assert!(!base.join("shared/mem").exists());
         guarded.mknod(&ctx, ROOT_ID, c"fifo", libc::S_IFIFO | 0o600, 0, 0).expect("a FIFO is fine");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// A ZeroCopyWriter that takes nothing (the test is about the descriptor, not data).
+    struct Sink;
+
+    impl io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ZeroCopyWriter for Sink {
+        fn write_from(
+            &mut self,
+            _: &mut dyn fuse_backend_rs::file_traits::FileReadWriteVolatile,
+            _: usize,
+            _: u64,
+        ) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn available_bytes(&self) -> usize {
+            4096
+        }
+    }
+
+    /// Found by the virtio_fs fuzz target: READ with flags F_SETFL refuses (O_DIRECT on
+    /// a directory) made the passthrough close the handle's descriptor, which RELEASE
+    /// then closed a second time, whatever it had become in between.
+    #[test]
+    fn read_flags_cannot_close_the_handle_descriptor() {
+        use fuse_backend_rs::api::filesystem::ROOT_ID;
+        let base = std::env::temp_dir().join(format!("nestbox-fs-flags-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("shared")).unwrap();
+        let shared = base.join("shared");
+        let open_on_shared = || {
+            let fds = std::fs::read_dir("/proc/self/fd").unwrap().flatten();
+            fds.filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == shared)).count()
+        };
+        let ctx = Context::new();
+        let guarded = SharedDirFs::new(shared_dir_under(&base));
+        let handle = guarded.open(&ctx, ROOT_ID, libc::O_RDONLY as u32, 0).unwrap().0.expect("a handle");
+        let open = open_on_shared();
+        let _ = guarded.read(&ctx, ROOT_ID, handle, &mut Sink, 64, 0, None, libc::O_DIRECT as u32);
+        assert_eq!(open_on_shared(), open, "the handle's descriptor was closed under it");
+        // A RELEASE the passthrough refuses (wrong inode) leaves the handle, and the guard.
+        assert!(guarded.release(&ctx, ROOT_ID + 1, 0, handle, false, false, None).is_err());
+        let _ = guarded.read(&ctx, ROOT_ID, handle, &mut Sink, 64, 0, None, libc::O_DIRECT as u32);
+        assert_eq!(open_on_shared(), open, "the handle's descriptor was closed under it");
+        guarded.release(&ctx, ROOT_ID, 0, handle, false, false, None).unwrap();
+        assert_eq!(open_on_shared(), open - 1, "RELEASE closes it");
         std::fs::remove_dir_all(&base).unwrap();
     }
 
