@@ -225,7 +225,8 @@ mod tests {
             table.lines().filter(|l| l.split(' ').nth(4) == Some(shared.to_str().expect("utf-8"))).collect();
         assert_eq!(ours.len(), 1, "{ours:?}");
         assert!(ours[0].contains(" shared:"), "{ours:?}");
-        super::super::mounts::unmount_under(dir.path()).expect("unmount");
+        let root = super::super::beneath::Dir::open_root(dir.path()).expect("open");
+        super::super::mounts::unmount_under(&root).expect("unmount");
         assert!(!rootfs_file.exists(), "everything unmounted");
     }
 
@@ -244,6 +245,7 @@ mod tests {
             .expect("bind");
         let err = share_mounts_below(&shared).expect_err("refused");
         assert!(err.contains("not a mount point"), "{err}");
-        super::super::mounts::unmount_under(dir.path()).expect("unmount");
+        let root = super::super::beneath::Dir::open_root(dir.path()).expect("open");
+        super::super::mounts::unmount_under(&root).expect("unmount");
     }
 }
