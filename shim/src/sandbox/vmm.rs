@@ -208,8 +208,10 @@ impl Vmm {
                     }
                 };
                 let pid = child.id();
-                let _ = started_tx.send(Ok(pid));
+                // The child is in the shared state before anyone hears of it, so a kill
+                // right after spawn (a create failing at once) finds it to kill.
                 lock(&supervised.0).child = Some(child);
+                let _ = started_tx.send(Ok(pid));
                 let status = supervise(&supervised, |status| {
                     if let Some(jail) = jail_spec {
                         report_seccomp_kill(pid, status);
