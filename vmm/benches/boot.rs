@@ -160,6 +160,23 @@ fn print_host(template: CpuTemplate) {
     );
 }
 
+/// The start-up rows: unjailed and jailed (sorted milliseconds, median resident MiB).
+fn print_starts(runs: usize, (starts, start_rss): (&[f64], f64), (jailed, jailed_rss): (&[f64], f64)) {
+    println!(
+        "| VMM start to first KVM_RUN ({runs} runs) | p50 {:.2} ms, p95 {:.2} ms, min {:.2} ms | < 10 ms |",
+        percentile(starts, 0.5),
+        percentile(starts, 0.95),
+        starts[0]
+    );
+    println!(
+        "| the same, jailed (`--jail`, own cgroup; docs/jail.md) | p50 {:.2} ms, p95 {:.2} ms, min {:.2} ms | |",
+        percentile(jailed, 0.5),
+        percentile(jailed, 0.95),
+        jailed[0]
+    );
+    println!("| VMM resident memory at first KVM_RUN, unjailed / jailed (median) | {start_rss:.1} MiB / {jailed_rss:.1} MiB | |");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let option = |name: &str, default: usize| {
@@ -214,19 +231,7 @@ fn main() {
     println!("Guest: 1 vCPU, {MEMORY_MIB} MiB, cmdline `{cmdline}`\n");
     println!("| figure | value | target |");
     println!("|---|---|---|");
-    println!(
-        "| VMM start to first KVM_RUN ({runs} runs) | p50 {:.2} ms, p95 {:.2} ms, min {:.2} ms | < 10 ms |",
-        percentile(&starts, 0.5),
-        percentile(&starts, 0.95),
-        starts[0]
-    );
-    println!(
-        "| the same, jailed (`--jail`, own cgroup; docs/jail.md) | p50 {:.2} ms, p95 {:.2} ms, min {:.2} ms | |",
-        percentile(&jailed, 0.5),
-        percentile(&jailed, 0.95),
-        jailed[0]
-    );
-    println!("| VMM resident memory at first KVM_RUN, unjailed / jailed (median) | {start_rss:.1} MiB / {jailed_rss:.1} MiB | |");
+    print_starts(runs, (&starts, start_rss), (&jailed, jailed_rss));
     if let Some((own, guest)) = memory {
         println!(
             "| VMM resident memory beyond guest memory (guest ready) | {:.1} MiB (guest RAM resident: {:.1} MiB) | < 5 MiB |",
