@@ -156,6 +156,7 @@ mod tests {
         let first_rx = crate::guest::DATA + 0x1000 * 16;
         let op: u16 = guest.mem.read_obj(GuestAddress(first_rx + 30)).unwrap();
         let dst_port: u32 = guest.mem.read_obj(GuestAddress(first_rx + 20)).unwrap();
+        crate::scratch::remove();
         assert_eq!((op, dst_port), (OP_RESPONSE, 5000), "the first RX packet answers the REQUEST");
     }
 }
