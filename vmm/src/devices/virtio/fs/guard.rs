@@ -485,16 +485,17 @@ mod tests {
         };
         let ctx = Context::new();
         let guarded = SharedDirFs::new(shared_dir_under(&base));
-        let handle = guarded.open(&ctx, ROOT_ID, libc::O_RDONLY as u32, 0).unwrap().0.expect("a handle");
+        // A directory handle (OPENDIR: the guard refuses OPEN of anything but a regular file).
+        let handle = guarded.opendir(&ctx, ROOT_ID, libc::O_RDONLY as u32).unwrap().0.expect("a handle");
         let open = open_on_shared();
         let _ = guarded.read(&ctx, ROOT_ID, handle, &mut Sink, 64, 0, None, libc::O_DIRECT as u32);
         assert_eq!(open_on_shared(), open, "the handle's descriptor was closed under it");
-        // A RELEASE the passthrough refuses (wrong inode) leaves the handle, and the guard.
-        assert!(guarded.release(&ctx, ROOT_ID + 1, 0, handle, false, false, None).is_err());
+        // A RELEASEDIR the passthrough refuses (wrong inode) leaves the handle, and the guard.
+        assert!(guarded.releasedir(&ctx, ROOT_ID + 1, 0, handle).is_err());
         let _ = guarded.read(&ctx, ROOT_ID, handle, &mut Sink, 64, 0, None, libc::O_DIRECT as u32);
         assert_eq!(open_on_shared(), open, "the handle's descriptor was closed under it");
-        guarded.release(&ctx, ROOT_ID, 0, handle, false, false, None).unwrap();
-        assert_eq!(open_on_shared(), open - 1, "RELEASE closes it");
+        guarded.releasedir(&ctx, ROOT_ID, 0, handle).unwrap();
+        assert_eq!(open_on_shared(), open - 1, "RELEASEDIR closes it");
         std::fs::remove_dir_all(&base).unwrap();
     }
 
