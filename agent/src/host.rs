@@ -68,12 +68,6 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     blocked.thread_block().context("blocking SIGINT, SIGTERM and SIGCHLD")?;
 
     // Single-threaded still, as unshare(CLONE_NEWNS) requires.
-    if let Some(share) = &options.share {
-        // Made a shared mount in the caller's namespace (before ours is split off), so the
-        // container root file systems the shim mounts there later reach our copy, as
-        // virtio-fs shows them to a guest.
-        crate::host_hybrid::share_mounts(share)?;
-    }
     if let Err(e) = private_mounts() {
         eprintln!("nestbox-agent: no mount namespace of its own ({e}): storage mounts would reach the host");
     }

@@ -1,8 +1,9 @@
 //! Host mode standing in for a VM, for the shim's test-only `host-agent` build (which
 //! measures everything but the guest kernel): a Unix socket that speaks the VMM's side of
 //! hybrid vsock (`CONNECT <port>\n`, answered `OK <host-port>\n`, then the stream's bytes)
-//! and relays each connection to the host-mode socket serving that port, and the shared
-//! directory made to behave like the virtio-fs share.
+//! and relays each connection to the host-mode socket serving that port. (The share is
+//! `Env::share`: the shim makes it a shared mount, so what it mounts there later reaches
+//! the agent's mount namespace, as virtio-fs shows it to a guest.)
 //!
 //! The relay copies bytes between two Unix sockets, as the VMM's vsock muxer copies them
 //! between the host socket and the guest's queues; it is the VMM's part of a stream, not
@@ -104,17 +105,6 @@ fn read_line(conn: &mut UnixStream) -> anyhow::Result<String> {
 fn parse_connect(line: &str) -> anyhow::Result<u32> {
     let port = line.strip_prefix("CONNECT ").with_context(|| format!("{line:?} is not \"CONNECT <port>\""))?;
     port.trim().parse().with_context(|| format!("bad port in {line:?}"))
-}
-
-/// Makes `share` a shared mount point of the calling process's namespace (a bind mount of
-/// itself first, so nothing else changes propagation): mounts made below it later there
-/// propagate into a namespace split off afterwards, whose bind of it is their slave.
-pub fn share_mounts(share: &Path) -> anyhow::Result<()> {
-    use nix::mount::{mount, MsFlags};
-    mount(Some(share), share, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .with_context(|| format!("bind-mounting {} onto itself", share.display()))?;
-    mount(None::<&str>, share, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
-        .with_context(|| format!("making {} a shared mount", share.display()))
 }
 
 #[cfg(test)]

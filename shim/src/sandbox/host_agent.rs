@@ -18,12 +18,24 @@
 //! `containerd-shim-nestbox-host-v2`, and finds the agent next to it.
 
 use super::vmm::VmmSpec;
-use std::path::PathBuf;
+use super::SandboxError;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The host-mode agent's own API socket, in the sandbox's directory (short: sockets'
 /// paths must fit in sun_path with the `.io` and `.pf` the agent adds).
 const AGENT_SOCKET: &str = "ha.sock";
+
+/// Makes the sandbox's fresh shared directory a shared mount (a bind of itself), before
+/// anything is mounted in it: what the shim mounts there later (containers' root file
+/// systems) then reaches the agent's own mount namespace, whose bind of it is a slave, as
+/// virtio-fs shows it to a guest. The sandbox's cleanup unmounts it with the rest.
+pub fn share(shared: &Path) -> Result<(), SandboxError> {
+    use nix::mount::{mount, MsFlags};
+    let fail = |e: nix::Error| SandboxError::Dir { path: shared.to_path_buf(), source: e.into() };
+    mount(Some(shared), shared, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(fail)?;
+    mount(None::<&str>, shared, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(fail)
+}
 
 /// `nestbox-agent` beside the shim's own executable, else on PATH.
 fn agent_binary() -> PathBuf {

@@ -82,6 +82,8 @@ impl Sandbox {
             let _ = remove_dir(&paths.dir);
             return Err(SandboxError::Dir { path: paths.shared.clone(), source: e });
         }
+        #[cfg(feature = "host-agent")]
+        host_agent::share(&paths.shared).inspect_err(|_| drop(remove_dir(&paths.dir)))?;
         Ok(paths)
     }
 
