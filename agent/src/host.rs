@@ -12,6 +12,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use crate::host_hybrid::Ports;
 use anyhow::{bail, Context};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -102,13 +103,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let address = format!("unix://{}", socket.display());
     let serving = crate::serve::start(&address, false, sandbox.clone())?;
     if let Some(hybrid) = &options.hybrid {
-        prepare_socket_path(hybrid)?;
-        let ports = crate::host_hybrid::Ports {
-            api: socket.to_path_buf(),
-            io: io_socket.to_path_buf(),
-            forward: forward_socket.clone(),
-        };
-        crate::host_hybrid::serve(hybrid, ports).with_context(|| format!("listening on {}", hybrid.display()))?;
+        serve_hybrid(hybrid, Ports { api: socket.into(), io: io_socket.into(), forward: forward_socket.clone() })?;
     }
     println!(
         "nestbox-agent {}: listening on {address} (host mode), I/O on unix://{}",
@@ -138,6 +133,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The hybrid vsock socket of `--hybrid-listen`, in front of the host-mode sockets.
+fn serve_hybrid(hybrid: &Path, ports: Ports) -> anyhow::Result<()> {
+    prepare_socket_path(hybrid)?;
+    crate::host_hybrid::serve(hybrid, ports).with_context(|| format!("listening on {}", hybrid.display()))
 }
 
 /// A mount namespace of the agent's own, receiving the host's mounts but sending none back.

@@ -17,8 +17,6 @@
 //! apart (its own target directory) by the benchmark, which installs it as
 //! `containerd-shim-nestbox-host-v2`, and finds the agent next to it.
 
-use super::vmm::VmmSpec;
-use super::SandboxError;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -30,11 +28,10 @@ const AGENT_SOCKET: &str = "ha.sock";
 /// anything is mounted in it: what the shim mounts there later (containers' root file
 /// systems) then reaches the agent's own mount namespace, whose bind of it is a slave, as
 /// virtio-fs shows it to a guest. The sandbox's cleanup unmounts it with the rest.
-pub fn share(shared: &Path) -> Result<(), SandboxError> {
+pub fn share(shared: &Path) -> std::io::Result<()> {
     use nix::mount::{mount, MsFlags};
-    let fail = |e: nix::Error| SandboxError::Dir { path: shared.to_path_buf(), source: e.into() };
-    mount(Some(shared), shared, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(fail)?;
-    mount(None::<&str>, shared, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(fail)
+    mount(Some(shared), shared, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+    Ok(mount(None::<&str>, shared, None::<&str>, MsFlags::MS_SHARED, None::<&str>)?)
 }
 
 /// `nestbox-agent` beside the shim's own executable, else on PATH.
@@ -43,23 +40,23 @@ fn agent_binary() -> PathBuf {
     beside.filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from("nestbox-agent"))
 }
 
-/// The host-mode agent standing in for the VMM of `spec`.
-pub fn command(spec: &VmmSpec) -> Command {
-    let dir = spec.vsock_socket.parent().map(PathBuf::from).unwrap_or_default();
+/// The host-mode agent standing in for a VMM with these vsock socket and shared directory.
+pub fn command(vsock_socket: &Path, shared_dir: &Path) -> Command {
+    let dir = vsock_socket.parent().map(PathBuf::from).unwrap_or_default();
     let mut cmd = Command::new(agent_binary());
     cmd.arg("--listen")
         .arg(format!("unix://{}", dir.join(AGENT_SOCKET).display()))
         .arg("--hybrid-listen")
-        .arg(format!("unix://{}", spec.vsock_socket.display()))
+        .arg(format!("unix://{}", vsock_socket.display()))
         .arg("--shared-dir")
-        .arg(&spec.shared_dir);
+        .arg(shared_dir);
     cmd
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::config::{Config, VmSize};
+    use crate::sandbox::vmm::VmmSpec;
     use crate::sandbox::SandboxPaths;
 
     #[test]

@@ -83,7 +83,10 @@ impl Sandbox {
             return Err(SandboxError::Dir { path: paths.shared.clone(), source: e });
         }
         #[cfg(feature = "host-agent")]
-        host_agent::share(&paths.shared).inspect_err(|_| drop(remove_dir(&paths.dir)))?;
+        if let Err(e) = host_agent::share(&paths.shared) {
+            let _ = remove_dir(&paths.dir);
+            return Err(SandboxError::Dir { path: paths.shared.clone(), source: e });
+        }
         Ok(paths)
     }
 
