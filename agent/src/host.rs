@@ -12,6 +12,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use crate::host_hybrid::Ports;
 use anyhow::{bail, Context};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -40,9 +41,23 @@ pub fn default_io_socket(socket: &Path) -> PathBuf {
     PathBuf::from(path)
 }
 
+/// What host mode serves on.
+#[derive(Debug, PartialEq)]
+pub struct Options {
+    pub socket: PathBuf,
+    pub io_socket: PathBuf,
+    /// A hybrid vsock socket standing in for a VMM's (`CONNECT <port>`), for the shim's
+    /// test-only host-agent build (see `host_hybrid`).
+    pub hybrid: Option<PathBuf>,
+    /// The directory standing in for the virtio-fs share: CreateSandbox's virtiofs storage
+    /// becomes a bind mount of it.
+    pub share: Option<PathBuf>,
+}
+
 /// Serves until a Shutdown call (or SIGINT/SIGTERM), then removes its containers and the
 /// sockets.
-pub fn run(socket: &Path, io_socket: &Path) -> anyhow::Result<()> {
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    let (socket, io_socket) = (options.socket.as_path(), options.io_socket.as_path());
     // Blocked before any thread starts (they inherit the mask): SIGINT and SIGTERM then
     // wait for the signal thread below instead of killing the process mid-call and
     // leaving the socket file behind, and SIGCHLD waits for the reaper.
@@ -75,6 +90,7 @@ pub fn run(socket: &Path, io_socket: &Path) -> anyhow::Result<()> {
         exe: crate::container::spawn::own_executable().context("opening the agent's own executable")?,
         cgroups: crate::cgroup::Hierarchy::host().map_err(|e| e.to_string()),
         oom: Default::default(),
+        share: options.share.clone(),
     };
     if let Err(e) = &env.cgroups {
         eprintln!("nestbox-agent: containers cannot be created: {e}");
@@ -86,6 +102,9 @@ pub fn run(socket: &Path, io_socket: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", forward_socket.display()))?;
     let address = format!("unix://{}", socket.display());
     let serving = crate::serve::start(&address, false, sandbox.clone())?;
+    if let Some(hybrid) = &options.hybrid {
+        serve_hybrid(hybrid, Ports { api: socket.into(), io: io_socket.into(), forward: forward_socket.clone() })?;
+    }
     println!(
         "nestbox-agent {}: listening on {address} (host mode), I/O on unix://{}",
         crate::rpc::VERSION,
@@ -105,7 +124,7 @@ pub fn run(socket: &Path, io_socket: &Path) -> anyhow::Result<()> {
 
     serving.wait_for_shutdown();
     sandbox.cleanup();
-    for path in [io_socket, socket] {
+    for path in [io_socket, socket].into_iter().chain(options.hybrid.as_deref()) {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("removing {}", path.display()))
@@ -114,6 +133,12 @@ pub fn run(socket: &Path, io_socket: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The hybrid vsock socket of `--hybrid-listen`, in front of the host-mode sockets.
+fn serve_hybrid(hybrid: &Path, ports: Ports) -> anyhow::Result<()> {
+    prepare_socket_path(hybrid)?;
+    crate::host_hybrid::serve(hybrid, ports).with_context(|| format!("listening on {}", hybrid.display()))
 }
 
 /// A mount namespace of the agent's own, receiving the host's mounts but sending none back.

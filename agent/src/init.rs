@@ -83,6 +83,7 @@ fn serve(cmdline: &str, reaper: std::sync::Arc<crate::reaper::Reaper>) -> anyhow
         exe: crate::container::spawn::own_executable().context("opening the agent's own executable")?,
         cgroups,
         oom: Default::default(),
+        share: None,
     };
     let sandbox = crate::sandbox::Sandbox::new(env, true);
     let forward_port = nestbox_protocols::PORT_FORWARD_PORT;

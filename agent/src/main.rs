@@ -18,6 +18,7 @@ mod cgroup;
 mod container;
 mod error;
 mod host;
+mod host_hybrid;
 mod identity;
 mod init;
 mod network;
@@ -39,9 +40,13 @@ use std::process::ExitCode;
 const USAGE: &str = "\
 usage: nestbox-agent                                  (as PID 1 of a nestbox guest)
        nestbox-agent --listen unix:///path/agent.sock [--io-listen unix:///path/io.sock]
+                     [--hybrid-listen unix:///path/vsock.sock --shared-dir DIR]
                                                       (host mode: serve the API, and the standard
                                                       I/O port, on Unix sockets; the I/O socket
-                                                      defaults to the API socket's path + .io)
+                                                      defaults to the API socket's path + .io;
+                                                      with --hybrid-listen also every port behind
+                                                      a VMM-style hybrid vsock socket, and DIR
+                                                      standing in for the virtio-fs share)
        nestbox-agent --version";
 
 /// What the command line asks for (outside the guest: as PID 1 the arguments are the
@@ -50,8 +55,8 @@ usage: nestbox-agent                                  (as PID 1 of a nestbox gue
 enum Command {
     Version,
     Help,
-    /// The API socket and the I/O socket.
-    Listen(PathBuf, PathBuf),
+    /// Host mode: the API socket, the I/O socket and what stands in for the VM.
+    Listen(host::Options),
     /// No arguments: only PID 1 may do that.
     Init,
 }
@@ -60,6 +65,8 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, Strin
     let mut args = args.into_iter();
     let mut listen = None;
     let mut io_listen = None;
+    let mut hybrid = None;
+    let mut share = None;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("argument {a:?} is not UTF-8"))?;
         let (flag, inline) = match arg.split_once('=') {
@@ -71,6 +78,8 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, Strin
             "--help" | "-h" => return Ok(Command::Help),
             "--listen" => &mut listen,
             "--io-listen" => &mut io_listen,
+            "--hybrid-listen" => &mut hybrid,
+            "--shared-dir" => &mut share,
             _ => return Err(format!("unknown argument {arg:?}")),
         };
         let value = match inline {
@@ -84,14 +93,21 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, Strin
         if slot.is_some() {
             return Err(format!("{flag} given more than once"));
         }
-        *slot = Some(host::parse_listen(&value).map_err(|e| e.replacen("--listen", &flag, 1))?);
+        *slot = Some(match flag.as_str() {
+            "--shared-dir" => PathBuf::from(value),
+            _ => host::parse_listen(&value).map_err(|e| e.replacen("--listen", &flag, 1))?,
+        });
+    }
+    if hybrid.is_some() != share.is_some() {
+        return Err("--hybrid-listen and --shared-dir go together (a VMM's socket and its share)".into());
     }
     match (listen, io_listen) {
         (Some(api), io) => {
             let io = io.unwrap_or_else(|| host::default_io_socket(&api));
-            Ok(Command::Listen(api, io))
+            Ok(Command::Listen(host::Options { socket: api, io_socket: io, hybrid, share }))
         }
         (None, Some(_)) => Err("--io-listen needs --listen".into()),
+        (None, None) if hybrid.is_some() => Err("--hybrid-listen needs --listen".into()),
         (None, None) => Ok(Command::Init),
     }
 }
@@ -114,7 +130,7 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             ExitCode::SUCCESS
         }
-        Ok(Command::Listen(socket, io_socket)) => match host::run(&socket, &io_socket) {
+        Ok(Command::Listen(options)) => match host::run(&options) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("nestbox-agent: error: {e:#}");
@@ -150,12 +166,25 @@ mod tests {
         assert_eq!(parse(&[]), Ok(Command::Init));
         assert_eq!(parse(&["--version"]), Ok(Command::Version));
         assert_eq!(parse(&["-h"]), Ok(Command::Help));
-        assert_eq!(parse(&["--listen", "unix:///a.sock"]), Ok(Command::Listen("/a.sock".into(), "/a.sock.io".into())));
-        assert_eq!(parse(&["--listen=unix:///a.sock"]), Ok(Command::Listen("/a.sock".into(), "/a.sock.io".into())));
+        let listen = |api: &str, io: &str| {
+            Command::Listen(host::Options { socket: api.into(), io_socket: io.into(), hybrid: None, share: None })
+        };
+        assert_eq!(parse(&["--listen", "unix:///a.sock"]), Ok(listen("/a.sock", "/a.sock.io")));
+        assert_eq!(parse(&["--listen=unix:///a.sock"]), Ok(listen("/a.sock", "/a.sock.io")));
+        assert_eq!(parse(&["--io-listen=unix:///io", "--listen", "unix:///a"]), Ok(listen("/a", "/io")));
         assert_eq!(
-            parse(&["--io-listen=unix:///io", "--listen", "unix:///a"]),
-            Ok(Command::Listen("/a".into(), "/io".into()))
+            parse(&["--listen=unix:///a", "--hybrid-listen=unix:///v.sock", "--shared-dir", "/s"]),
+            Ok(Command::Listen(host::Options {
+                socket: "/a".into(),
+                io_socket: "/a.io".into(),
+                hybrid: Some("/v.sock".into()),
+                share: Some("/s".into())
+            }))
         );
+        assert!(parse(&["--listen=unix:///a", "--shared-dir=/s"]).is_err_and(|e| e.contains("go together")));
+        assert!(parse(&["--hybrid-listen=unix:///v", "--shared-dir=/s"]).is_err_and(|e| e.contains("needs --listen")));
+        assert!(parse(&["--listen=unix:///a", "--hybrid-listen=/v", "--shared-dir=/s"])
+            .is_err_and(|e| e.starts_with("--hybrid-listen")));
         assert!(parse(&["--io-listen=unix:///io"]).is_err_and(|e| e.contains("needs --listen")));
         assert!(parse(&["--io-listen", "/io", "--listen=unix:///a"]).is_err_and(|e| e.starts_with("--io-listen")));
         assert!(parse(&["--listen"]).is_err_and(|e| e.contains("needs a value")));

@@ -78,7 +78,14 @@ impl Sandbox {
         let mut mounted = Vec::new();
         for storage in &req.storages {
             let point = PathBuf::from(&storage.mount_point);
-            if let Err(e) = mounts::mount_storage(&storage.source, &storage.fstype, &storage.options, &point) {
+            let mounting = match (&self.env.share, storage.fstype.as_str()) {
+                // Host mode standing in for a VM: the share is a directory of the host.
+                (Some(share), "virtiofs") => {
+                    mounts::mount_storage(&share.to_string_lossy(), "", &["rbind".to_string()], &point)
+                }
+                _ => mounts::mount_storage(&storage.source, &storage.fstype, &storage.options, &point),
+            };
+            if let Err(e) = mounting {
                 for p in mounted.iter().rev() {
                     let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
                 }

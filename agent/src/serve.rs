@@ -153,6 +153,7 @@ mod tests {
             exe: std::fs::File::open("/proc/self/exe").expect("own executable").into(),
             cgroups: Err("none in this test".into()),
             oom: Default::default(),
+            share: None,
         };
         Sandbox::new(env, false)
     }

@@ -33,6 +33,9 @@ pub const BUSYBOX: &str = "nestbox.local/busybox:latest";
 pub const PAUSE: &str = "nestbox.local/pause:latest";
 /// The runtime name containerd knows nestbox by.
 pub const RUNTIME: &str = "io.containerd.nestbox.v2";
+/// The test-only host-agent build of the shim (feature `host-agent`: the agent runs on the
+/// host instead of in a VM), as the benchmark installs it beside the shim.
+pub const RUNTIME_HOST: &str = "io.containerd.nestbox-host.v2";
 /// runc's runtime name.
 pub const RUNC: &str = "io.containerd.runc.v2";
 /// The containerd namespace of CRI's containers and images.
@@ -426,6 +429,8 @@ fn cri_config(cni: &Path, pod_network: bool) -> String {
         format!("  runtime_type = \"{RUNC}\""),
         format!("{plugin}.containerd.runtimes.nestbox]"),
         format!("  runtime_type = \"{RUNTIME}\""),
+        format!("{plugin}.containerd.runtimes.nestbox-host]"),
+        format!("  runtime_type = \"{RUNTIME_HOST}\""),
     ]
     .join("\n")
         + "\n"

@@ -16,4 +16,7 @@ pub struct Env {
     /// Where container cgroups go; an error (why there is none) when the system has none.
     pub cgroups: Result<Hierarchy, String>,
     pub oom: Arc<OomQueue>,
+    /// Host mode standing in for a VM: the directory that CreateSandbox's virtio-fs
+    /// storage binds instead of mounting the tag.
+    pub share: Option<std::path::PathBuf>,
 }

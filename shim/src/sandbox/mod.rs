@@ -23,6 +23,8 @@ mod beneath;
 mod connect;
 mod console;
 mod error;
+#[cfg(feature = "host-agent")]
+mod host_agent;
 pub mod jail;
 pub mod mounts;
 pub mod network;
@@ -96,8 +98,9 @@ impl Sandbox {
             return Err(SandboxError::Share(e));
         }
         // A shared mount before anything is mounted below, so that what is (the pod's
-        // rootfs, then its containers') also reaches the jailed VMM's mount namespace.
-        if config.jail {
+        // rootfs, then its containers') also reaches the jailed VMM's mount namespace (in
+        // the test-only host-agent build: the host agent's).
+        if config.jail || cfg!(feature = "host-agent") {
             if let Err(e) = jail::share_mounts_below(&paths.shared) {
                 let _ = remove_dir(&paths.dir);
                 return Err(SandboxError::Dir { path: paths.shared.clone(), source: std::io::Error::other(e) });
@@ -145,7 +148,8 @@ impl Sandbox {
         let on_vmm_exit: ExitHandler = Arc::new(Mutex::new(Some(on_vmm_exit)));
         let net_tap_fd = network.and_then(PodNetwork::tap_fd);
         let guest_network = network.map(PodNetwork::config);
-        if config.warm_start {
+        // The host-agent test build has no guest to snapshot.
+        if config.warm_start && !cfg!(feature = "host-agent") {
             match template::prepare(config, size, false) {
                 Ok(template) => {
                     let spec = VmmSpec { net_tap_fd, ..VmmSpec::restore(config, size, &paths, &template) };
@@ -212,6 +216,8 @@ impl Sandbox {
         };
         let network_slot = Mutex::new(None);
         let sandbox = Sandbox { id: id.to_string(), paths, vmm, agent, stopping, console, network: network_slot };
+        // The host-agent test build's agent has no guest interface to configure.
+        let network = network.filter(|_| !cfg!(feature = "host-agent"));
         let how = if spec.restore.is_some() { "restored" } else { "booted" };
         match sandbox.greet(how, started, network) {
             Ok(()) => sandbox.arm(&armed, &on_vmm_exit, started),

@@ -94,6 +94,9 @@ impl VmmSpec {
     }
 
     pub fn command(&self) -> Command {
+        #[cfg(feature = "host-agent")]
+        return super::host_agent::command(&self.vsock_socket, &self.shared_dir);
+        #[allow(unreachable_code)]
         let mut cmd = Command::new(&self.binary);
         if let Some(template) = &self.restore {
             // Size, kernel and command line are the template's; the files are this VM's.

@@ -13,6 +13,11 @@
 //!   nestbox-cold  nestbox with `[runtime] warm_start = false`: every pod boots its guest kernel
 //!   nestbox-warm  nestbox with `warm_start = true`: pods restore a template (a snapshot of a
 //!                 booted guest); the first pod of the run makes it, reported apart
+//!   nestbox-host  the shim's test-only `host-agent` build (DIR/containerd-shim-nestbox-host-v2
+//!                 with DIR/nestbox-agent beside it): the same shim, agent, protocol and
+//!                 streams with the agent on the host, i.e. everything but the guest kernel
+//!                 (docs/benchmarks-runc.md, "Everything but the guest kernel"). Not in the
+//!                 default list: `--runtimes runc,nestbox-host`.
 //!
 //! DIR holds the shim, the VMM and the guest image (DIR/guest/vmlinux, initramfs.cpio) to
 //! measure: scripts/bench's copies of a release build, so that a rebuild in the work tree
@@ -32,7 +37,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::time::Instant;
 
-const RUNTIMES: [&str; 3] = ["runc", "nestbox-warm", "nestbox-cold"];
+const RUNTIMES: [&str; 4] = ["runc", "nestbox-warm", "nestbox-cold", "nestbox-host"];
 const ALL_FIGURES: &str = "start,memory,exec,throughput,crisandbox,cri";
 
 struct Args {
@@ -45,7 +50,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
-    let (mut runtimes, mut figures) = (RUNTIMES.join(","), ALL_FIGURES.to_string());
+    let (mut runtimes, mut figures) = (RUNTIMES[..3].join(","), ALL_FIGURES.to_string());
     let (mut quick, mut binaries, mut out) = (false, None, None);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));

@@ -6,7 +6,7 @@ use crate::breakdown::{breakdown, lines_about, EXEC_PHASES, START_PHASES};
 use crate::procfs::{
     clock_ticks_per_second, cpu_ticks, descendants, largest_mapping_pss_kib, mem_available_kib, pss_kib, summary,
 };
-use nestbox_tests::containerd::{Containerd, BUSYBOX, RUNC, RUNTIME};
+use nestbox_tests::containerd::{Containerd, BUSYBOX, RUNC, RUNTIME, RUNTIME_HOST};
 use serde_json::{json, Map, Value};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,8 +39,8 @@ impl Plan {
             stdio_mib,
         };
         match (runtime, quick) {
-            ("runc", false) => p(20, 20, 10, 10, 32, 32, 32, 64),
-            ("runc", true) => p(3, 3, 2, 3, 8, 8, 4, 4),
+            ("runc" | "nestbox-host", false) => p(20, 20, 10, 10, 32, 32, 32, 64),
+            ("runc" | "nestbox-host", true) => p(3, 3, 2, 3, 8, 8, 4, 4),
             ("nestbox-warm", false) => p(20, 5, 5, 10, 4, 8, 1, 2),
             ("nestbox-warm", true) => p(2, 2, 1, 2, 1, 4, 1, 1),
             (_, false) => p(3, 5, 1, 2, 4, 8, 1, 2),
@@ -78,7 +78,7 @@ pub struct Bench<'a> {
 impl<'a> Bench<'a> {
     pub fn new(c: &'a Containerd, runtime: &'a str, plan: Plan) -> Bench<'a> {
         let deadline = Duration::from_secs(match runtime {
-            "runc" => 60,
+            "runc" | "nestbox-host" => 60,
             "nestbox-warm" => 300,
             _ => 900,
         });
@@ -92,18 +92,18 @@ impl<'a> Bench<'a> {
     }
 
     fn containerd_runtime(&self) -> &'static str {
-        if self.nestbox() {
-            RUNTIME
-        } else {
-            RUNC
+        match self.runtime {
+            "nestbox-host" => RUNTIME_HOST,
+            _ if self.nestbox() => RUNTIME,
+            _ => RUNC,
         }
     }
 
     pub fn cri_handler(&self) -> &'static str {
-        if self.nestbox() {
-            "nestbox"
-        } else {
-            "runc"
+        match self.runtime {
+            "nestbox-host" => "nestbox-host",
+            _ if self.nestbox() => "nestbox",
+            _ => "runc",
         }
     }
 
@@ -149,7 +149,7 @@ impl<'a> Bench<'a> {
     }
 
     pub fn start_latency(&mut self) -> Outcome<()> {
-        if self.runtime == "runc" {
+        if matches!(self.runtime, "runc" | "nestbox-host") {
             self.start_once("warmup")?; // the first use of the snapshot and of runc
         }
         if self.runtime == "nestbox-warm" {
@@ -198,7 +198,7 @@ impl<'a> Bench<'a> {
     /// (shims, VMMs, container processes) of this runtime's running pods `cids`.
     fn pod_processes(&self, cids: &[String]) -> Outcome<(Vec<i32>, Vec<i32>, Vec<i32>)> {
         if self.nestbox() {
-            return Ok((self.c.shims_of("nestbox"), self.c.vmm_pids(), Vec::new()));
+            return Ok((self.c.shims_of(self.cri_handler()), self.c.vmm_pids(), Vec::new()));
         }
         let (listed, _) = self.ctr(&["task", "ls"], self.deadline)?;
         let mut containers = Vec::new();
