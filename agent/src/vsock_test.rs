@@ -11,7 +11,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use nestbox_protocols::vsock_test::{
-    fill_pattern, CLOSE_PORT, ECHO_PORT, GREETING, HOST_PORT, MAX_REQUEST_LINE, SINK_PORT, SOURCE_PORT,
+    fill_pattern, CLOSE_PORT, ECHO_PORT, FLOOD_PORT, GREETING, HOST_FLOOD_PORT, HOST_PORT, MAX_FLOOD, MAX_REQUEST_LINE,
+    SINK_PORT, SOURCE_PORT,
 };
 use sha2::{Digest, Sha256};
 
@@ -50,11 +51,12 @@ impl Listener for UnixListener {
 /// Starts every test service on its vsock port, and the outgoing connection to the host.
 /// Returns once all listeners are bound (so the host can connect from then on).
 pub fn start() -> io::Result<()> {
-    let services: [(u32, &str, Handler<VsockStream>); 4] = [
+    let services: [(u32, &str, Handler<VsockStream>); 5] = [
         (ECHO_PORT, "echo", echo),
         (SINK_PORT, "sink", sink),
         (SOURCE_PORT, "source", source),
         (CLOSE_PORT, "close", close),
+        (FLOOD_PORT, "flood", flood_host),
     ];
     for (port, name, handler) in services {
         let listener = VsockListener::bind(CID_ANY, port)
@@ -72,7 +74,7 @@ pub fn start() -> io::Result<()> {
         }
     })?;
     println!(
-        "nestbox-agent: vsock test services on ports {ECHO_PORT}-{CLOSE_PORT}, connecting to host port {HOST_PORT}"
+        "nestbox-agent: vsock test services on ports {ECHO_PORT}-{FLOOD_PORT}, connecting to host port {HOST_PORT}"
     );
     Ok(())
 }
@@ -192,6 +194,44 @@ fn bad_request(msg: String) -> io::Error {
 /// Port 1028: close at once, from the guest's side.
 pub fn close<S>(stream: S) -> io::Result<()> {
     drop(stream);
+    Ok(())
+}
+
+/// The flood service in the guest: connections to the host's [`HOST_FLOOD_PORT`].
+fn flood_host(stream: VsockStream) -> io::Result<()> {
+    flood(stream, || VsockStream::connect(CID_HOST, HOST_FLOOD_PORT))
+}
+
+/// Reads `<N>\n`, makes `N` connections with `connect` and holds those it got, answers
+/// `<opened> <refused>\n`, and closes them all at the requester's end of stream. The
+/// descriptor limit is raised to its hard limit first, so the guest can hold more
+/// connections than the VMM accepts.
+pub fn flood<S: Read + Write, C>(mut stream: S, mut connect: impl FnMut() -> io::Result<C>) -> io::Result<()> {
+    let line = read_request_line(&mut stream)?;
+    let text = String::from_utf8_lossy(&line);
+    let count: usize = text.trim().parse().map_err(|_| bad_request(format!("not a count: {text:?}")))?;
+    if count > MAX_FLOOD {
+        return Err(bad_request(format!("{count} connections asked, at most {MAX_FLOOD}")));
+    }
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit with a valid rlimit on our stack.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    let (mut held, mut refused) = (Vec::new(), 0usize);
+    for _ in 0..count {
+        match connect() {
+            Ok(conn) => held.push(conn),
+            Err(_) => refused += 1,
+        }
+    }
+    stream.write_all(format!("{} {refused}\n", held.len()).as_bytes())?;
+    let mut buf = [0u8; 64];
+    while read_some(&mut stream, &mut buf)? > 0 {}
+    drop(held);
     Ok(())
 }
 
@@ -338,6 +378,40 @@ mod tests {
             connect_with_retry(|| UnixStream::connect(&path), Duration::from_secs(30)).expect("eventually connects");
         greet_and_echo(stream).expect("greeting and echoing");
         host.join().expect("host side");
+    }
+
+    #[test]
+    fn flood_holds_what_it_got_until_the_end_of_stream() {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("flood");
+        let listener = UnixListener::bind(&target).unwrap();
+        let mut attempt = 0;
+        let server = thread::spawn(move || {
+            flood(guest, || {
+                attempt += 1;
+                // Every third attempt is refused, as a VMM at its connection bound does.
+                if attempt % 3 == 0 {
+                    Err(io::Error::from(io::ErrorKind::ConnectionReset))
+                } else {
+                    UnixStream::connect(&target)
+                }
+            })
+        });
+        host.write_all(b"9\n").unwrap();
+        let mut answer = String::new();
+        io::BufRead::read_line(&mut io::BufReader::new(&mut host), &mut answer).unwrap();
+        assert_eq!(answer, "6 3\n");
+        let mut accepted: Vec<UnixStream> = (0..6).map(|_| listener.accept().unwrap().0).collect();
+        host.shutdown(Shutdown::Write).unwrap();
+        server.join().unwrap().unwrap();
+        for conn in &mut accepted {
+            let mut buf = [0u8; 1];
+            assert_eq!(conn.read(&mut buf).unwrap(), 0, "closed at the end of stream");
+        }
+        let (mut too_many, guest) = UnixStream::pair().unwrap();
+        too_many.write_all(format!("{}\n", MAX_FLOOD + 1).as_bytes()).unwrap();
+        assert!(flood(guest, || UnixStream::connect("/nonexistent")).is_err(), "over MAX_FLOOD is refused");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! | [`SINK_PORT`] 1026 | reads until EOF, then answers one line `<byte count> <sha256 hex>\n` and closes |
 //! | [`SOURCE_PORT`] 1027 | reads one line `<N>\n`, sends `N` bytes of [`pattern_byte`] (offsets 0..N), closes |
 //! | [`CLOSE_PORT`] 1028 | closes every connection as soon as it is accepted (a guest-side close) |
+//! | [`FLOOD_PORT`] 1029 | reads one line `<N>\n`, opens `N` connections to the host's port [`HOST_FLOOD_PORT`] and holds those it got, answers `<opened> <refused>\n`, closes them all at the host's end of stream (a guest flooding the VMM's vsock) |
 //!
 //! (The agent's own ports, 1024 for the API and 1030 for standard I/O, are outside this
 //! range.)
@@ -22,9 +23,16 @@ pub const ECHO_PORT: u32 = 1025;
 pub const SINK_PORT: u32 = 1026;
 pub const SOURCE_PORT: u32 = 1027;
 pub const CLOSE_PORT: u32 = 1028;
+pub const FLOOD_PORT: u32 = 1029;
 
 /// The host port the guest connects to (CID 2).
 pub const HOST_PORT: u32 = 1100;
+
+/// The host port the flood service connects to, as many times as it is asked.
+pub const HOST_FLOOD_PORT: u32 = 1101;
+
+/// The most connections the flood service opens for one request.
+pub const MAX_FLOOD: usize = 4096;
 
 /// What the guest writes first on its connection to [`HOST_PORT`].
 pub const GREETING: &[u8] = b"hello from guest\n";

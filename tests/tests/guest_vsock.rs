@@ -4,7 +4,9 @@
 //! to the agent API (see nestbox_protocols::vsock_test). Through the VM's hybrid vsock
 //! socket the test calls Check and Version, runs 64 concurrent echo connections, moves
 //! 4 MiB each way with checksums, accepts a guest-initiated connection, sees guest-side
-//! and host-side closes and a reset, and finally shuts the guest down through the API.
+//! and host-side closes and a reset, floods the VMM with more guest-opened connections than
+//! it accepts (held to its bound, its memory within a stated bound, serving on afterwards),
+//! and finally shuts the guest down through the API.
 //! Throughput is printed, not asserted: this machine's guest kernel is emulated.
 //!
 //! `NESTBOX_VSOCK_BULK_MIB=<n>` moves n MiB each way instead (64 was the size before; at
@@ -157,6 +159,8 @@ fn agent_api_and_vsock_in_a_real_guest() {
     from_guest.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"echo me");
 
+    guest_flood(&uds, vm.child.id());
+
     // 64 concurrent connections, each echoing its own data.
     let echoes: Vec<_> = (0..64u8)
         .map(|i| {
@@ -246,4 +250,68 @@ fn agent_api_and_vsock_in_a_real_guest() {
     assert!(status.success(), "VMM exit {status:?}\nconsole:\n{console}");
     assert!(!console.contains("safety-net bound reached"), "a shutdown bound was reached:\n{console}");
     assert!(!uds.exists(), "vsock socket left behind");
+}
+
+/// The VMM's resident memory in KiB (VmRSS).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the VMM's status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
+}
+
+/// A guest flooding the VMM's vsock: it opens [`FLOOD`] connections to a host port whose
+/// listener accepts them all. The VMM takes at most its bound (the muxer's
+/// `MAX_GUEST_CONNECTIONS`, 1024, counting every open connection) and resets the rest, its
+/// resident memory grows by less than [`FLOOD_RSS_BOUND_KIB`], and it serves on afterwards.
+fn guest_flood(uds: &Path, vmm_pid: u32) {
+    const FLOOD: usize = 1500;
+    const MAX_GUEST_CONNECTIONS: usize = 1024;
+    const FLOOD_RSS_BOUND_KIB: u64 = 64 * 1024;
+    let listener = UnixListener::bind(socket_for_port(uds, vsock_test::HOST_FLOOD_PORT)).expect("flood listener");
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holder = held.clone();
+    // Accepts for as long as the test runs, holding every connection open.
+    std::thread::spawn(move || {
+        while let Ok((conn, _)) = listener.accept() {
+            holder.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        }
+    });
+    let before = rss_kib(vmm_pid);
+    let mut control = connect(uds, vsock_test::FLOOD_PORT);
+    control.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
+    let t = Instant::now();
+    control.write_all(format!("{FLOOD}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    BufReader::new(&mut control).read_line(&mut answer).expect("the flood's answer");
+    let counts: Vec<usize> = answer.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    let [opened, refused] = counts[..] else { panic!("flood answer {answer:?}") };
+    let during = rss_kib(vmm_pid);
+    eprintln!(
+        "guest flood: {opened} connections held, {refused} refused in {:?}; VMM RSS {before} -> {during} KiB",
+        t.elapsed()
+    );
+    assert_eq!(opened + refused, FLOOD, "{answer:?}");
+    assert!(opened <= MAX_GUEST_CONNECTIONS, "the VMM holds at most its bound: {answer:?}");
+    assert!(refused >= FLOOD - MAX_GUEST_CONNECTIONS, "the rest were reset: {answer:?}");
+    assert!(during.saturating_sub(before) < FLOOD_RSS_BOUND_KIB, "VMM RSS grew {before} -> {during} KiB");
+    control.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    control.read_to_end(&mut rest).expect("the guest closes the flood");
+    // Serving goes on: a new connection echoes.
+    let mut echo = connect(uds, vsock_test::ECHO_PORT);
+    echo.write_all(b"after the flood").unwrap();
+    echo.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    echo.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"after the flood");
+    // Every connection the guest got reached the host's listener (accepted by now, or soon).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let count = held.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if count == opened {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{count} of {opened} guest connections reached the listener");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
