@@ -106,6 +106,17 @@ fn log_count(c: &Containerd, needle: &str) -> usize {
     c.log().matches(needle).count()
 }
 
+/// Waits until containerd's log holds `needle` (a line the shim logs reaches it through
+/// containerd's copy of the shim's log, after whatever the test saw happen), then returns
+/// how often it is there.
+fn log_count_once_seen(c: &Containerd, needle: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while log_count(c, needle) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    log_count(c, needle)
+}
+
 /// A copy of the guest kernel the test can "rebuild" (rewrite) to change its identity.
 fn copy_kernel(to: &Path) {
     let (installed, _) = nestbox_tests::guest_image();
@@ -350,7 +361,7 @@ fn containers_run_in_their_own_vms() {
     let victim_dir = c.sandboxes.join("victim");
     kill_by_seccomp(&victim_dir);
     wait_for_status(&c, "victim", "STOPPED");
-    assert_eq!(log_count(&c, "killed by its seccomp filter (SIGSYS)"), 1, "{}", c.log_tail(40));
+    assert_eq!(log_count_once_seen(&c, "killed by its seccomp filter (SIGSYS)"), 1, "{}", c.log_tail(40));
     let deleted = c.run(&["task", "delete", "victim"], IN_GUEST);
     // ctr 1.6 reports a task's non-zero exit status as a warning, and itself exits 0.
     assert!(deleted.status.success() && deleted.stderr.contains("exit code 255"), "{deleted:?}");

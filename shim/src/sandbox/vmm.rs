@@ -11,16 +11,17 @@ use super::jail::{self, JailSpec};
 use super::paths::SandboxPaths;
 use crate::config::{Config, VmSize};
 use std::fs::File;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// How often the supervisor looks at the child. Polling (rather than a blocking wait)
-/// lets [`Vmm::kill`] signal the child under the same lock that reaps it, so a recycled
-/// PID can never be hit.
+/// How often the supervisor looks at the child where the kernel has no pidfd (before
+/// Linux 5.3). With one, the supervisor sleeps in poll(2) on it until the child exits. Either
+/// way it reaps with a non-blocking wait under the state's lock, which [`Vmm::kill`] also
+/// signals under, so a recycled PID can never be hit.
 const POLL: Duration = Duration::from_millis(50);
 
 /// The MAC address of every VM's virtio-net device: one fixed, locally administered
@@ -215,7 +216,8 @@ impl Vmm {
                 // right after spawn (a create failing at once) finds it to kill.
                 lock(&supervised.0).child = Some(child);
                 let _ = started_tx.send(Ok(pid));
-                let status = supervise(&supervised, |status| {
+                let exited = pidfd_open(pid);
+                let status = supervise(&supervised, exited.as_ref(), |status| {
                     if let Some(jail) = jail_spec {
                         report_seccomp_kill(pid, status);
                         jail.remove_cgroup();
@@ -291,7 +293,8 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 
 /// Polls the child until it has ended; `reaped` runs before anyone waiting hears of it
 /// (so a caller that kills the VMM and exits does not leave its cgroup behind).
-fn supervise(state: &(Mutex<State>, Condvar), reaped: impl FnOnce(ExitStatus)) -> ExitStatus {
+fn supervise(state: &(Mutex<State>, Condvar), exited: Option<&OwnedFd>, reaped: impl FnOnce(ExitStatus)) -> ExitStatus {
+    let mut woken = false;
     loop {
         {
             let mut s = lock(&state.0);
@@ -322,8 +325,32 @@ fn supervise(state: &(Mutex<State>, Condvar), reaped: impl FnOnce(ExitStatus)) -
                 }
             }
         }
-        std::thread::sleep(POLL);
+        // A pidfd that said "exited" for a child not yet reapable is not trusted twice:
+        // the loop falls back to the interval rather than spin.
+        match exited {
+            Some(pidfd) if !woken => woken = wait_readable(pidfd),
+            _ => std::thread::sleep(POLL),
+        }
     }
+}
+
+/// A pidfd of our own child `pid` (not reaped yet, so the PID is still its), or None where
+/// the kernel has none.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open with a PID and no flags; the result is checked before use.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: a descriptor pidfd_open just returned, owned from here on.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sleeps until the pidfd is readable (its process has exited: true) or a signal
+/// interrupts (false).
+fn wait_readable(pidfd: &OwnedFd) -> bool {
+    let mut fds = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd on our stack, for a descriptor we own; no timeout.
+    let ready = unsafe { libc::poll(&mut fds, 1, -1) };
+    ready > 0 && fds.revents & libc::POLLIN != 0
 }
 
 /// Kills a VMM left by a shim that is gone, identified by its PID file and checked by
