@@ -83,11 +83,11 @@ pub fn cgroup_version() -> Result<&'static str, String> {
 /// in the jailed VMM's mount namespace, which holds a slave copy of it.
 pub fn share_mounts_below(dir: &Path) -> Result<(), String> {
     let fail = |what: &str, e: nix::Error| format!("{what} {}: {e}", dir.display());
-    let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading the mount table: {e}"))?;
-    if !is_mount_point(&table, dir) {
+    let points = super::mounts::mounts_under(dir).map_err(|e| e.to_string())?;
+    if !points.iter().any(|point| point == dir) {
         // A bind onto itself hides what is mounted below (those mounts would then stay,
         // unreachable, and keep their directories busy): only on an empty tree.
-        if has_mounts_below(&table, dir) {
+        if !points.is_empty() {
             return Err(format!("{} has mounts below it but is not a mount point itself", dir.display()));
         }
         nix::mount::mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
@@ -97,40 +97,6 @@ pub fn share_mounts_below(dir: &Path) -> Result<(), String> {
     // VMM's copy of it.
     nix::mount::mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>)
         .map_err(|e| fail("making shared", e))
-}
-
-fn mount_points(table: &str) -> impl Iterator<Item = PathBuf> + '_ {
-    table.lines().filter_map(|line| line.split(' ').nth(4)).map(|point| PathBuf::from(unescape(point)))
-}
-
-fn is_mount_point(table: &str, dir: &Path) -> bool {
-    mount_points(table).any(|point| point == dir)
-}
-
-fn has_mounts_below(table: &str, dir: &Path) -> bool {
-    mount_points(table).any(|point| point != dir && point.starts_with(dir))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut rest = field;
-    while let Some(at) = rest.find('\\') {
-        out.push_str(&rest[..at]);
-        let code = rest.get(at + 1..at + 4).and_then(|oct| u8::from_str_radix(oct, 8).ok());
-        match code {
-            Some(byte) => {
-                out.push(char::from(byte));
-                rest = &rest[at + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[at + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// What the kernel logged about the seccomp kill of `pid`: the system call number from
@@ -197,13 +163,6 @@ mod tests {
     }
 
     #[test]
-    fn mount_points_are_unescaped() {
-        assert_eq!(unescape(r"/a\040b/c\134d"), "/a b/c\\d");
-        assert_eq!(unescape(r"/plain"), "/plain");
-        assert_eq!(unescape(r"/odd\0"), r"/odd\0");
-    }
-
-    #[test]
     fn a_directory_becomes_a_shared_mount_point_once_before_anything_is_mounted_below() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = dir.path().join("shared");
@@ -213,8 +172,8 @@ mod tests {
         let bind = |src: &Path, dst: &Path| {
             nix::mount::mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>).expect("bind");
         };
-        let table = || std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-        assert!(!is_mount_point(&table(), &shared));
+        let mounted = || super::super::mounts::mounts_under(&shared).expect("mount table");
+        assert!(mounted().is_empty(), "not a mount point yet");
         share_mounts_below(&shared).expect("shared");
         bind(&dir.path().join("data"), &shared.join("c1/rootfs"));
         let rootfs_file = shared.join("c1/rootfs/f");

@@ -219,7 +219,7 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
             let value =
                 (bytes[i + 1] - b'0') as u32 * 64 + (bytes[i + 2] - b'0') as u32 * 8 + (bytes[i + 3] - b'0') as u32;
             if let Ok(byte) = u8::try_from(value) {
@@ -258,6 +258,9 @@ mod tests {
         assert_eq!(unescape(r"/x\134y"), r"/x\y");
         assert_eq!(unescape(r"/plain"), "/plain");
         assert_eq!(unescape(r"/short\04"), r"/short\04");
+        assert_eq!(unescape(r"/a\040b/c\134d"), "/a b/c\\d");
+        assert_eq!(unescape(r"/ends\040"), "/ends ", "an escape at the very end");
+        assert_eq!(unescape(r"/odd\0"), r"/odd\0");
     }
 
     /// Real mounts: needs root (as the whole test suite does).
