@@ -8,6 +8,7 @@
 pub mod containerd;
 #[cfg(feature = "cri")]
 pub mod cri;
+pub mod procmem;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

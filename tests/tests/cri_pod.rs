@@ -20,7 +20,11 @@
 //!   it, one that ignores SIGTERM (a PID 1) is killed at the deadline and the call returns
 //!   soon after;
 //! - RemoveContainer, StopPodSandbox, RemovePodSandbox, and then nothing left: no pod, no
-//!   sandbox directory, no VMM, no shim, no mount (the pod's network namespace included).
+//!   sandbox directory, no VMM, no shim, no mount (the pod's network namespace included);
+//! - nestbox: what the running pod costs the host beside its guest's memory (the shim and
+//!   the VMM's own memory) fits in the RuntimeClass overhead `nestbox config` prints;
+//! - nestbox: a pod with resources (PodSandboxConfig.linux.resources) gets a VM sized as
+//!   Kata sizes it, the default plus the limits, seen in a container as CPUs and MemTotal.
 //!
 //! The pod's network itself is checked by `cri_network`. The nestbox pod is restored from
 //! the warm-start template shared by the CRI suites (the first pod of the run makes it: one
@@ -28,9 +32,11 @@
 
 use nestbox_tests::containerd::{mounts_under, Containerd, Options, BUSYBOX};
 use nestbox_tests::cri::{api, api::ContainerState, api::NamespaceMode, container_config, namespaces, pod_config};
-use nestbox_tests::{guest_binary, host_kernel_release, GUEST_DEADLINE};
+use nestbox_tests::procmem::{largest_mapping_rss_kib, rss_kib};
+use nestbox_tests::{binary, guest_binary, host_kernel_release, GUEST_DEADLINE};
 use std::collections::HashMap;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// One CRI call that does not start a VM.
@@ -158,6 +164,9 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     }
 
     check_namespaces(&p, handler, [one, two, three]);
+    if handler == "nestbox" {
+        check_host_cost(&c);
+    }
     check_sharing(&p, [one, two, three], &empty_dir);
 
     let hi = cri.exec_sync(one, &["echo", "hi"], 0, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
@@ -196,6 +205,78 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     wait_for_no_shims(&c);
     let mounts = mounts_under(&c.dir);
     assert!(mounts.is_empty(), "mounts left (rootfs, the pod's network namespace): {mounts:?}");
+    if handler == "nestbox" {
+        check_sized_pod(&c, &logs);
+    }
+}
+
+/// What the running pod costs the host beside its guest's memory: the shim's RSS and the
+/// VMM's without the guest RAM mapping (whose size is the configured guest memory). The
+/// RuntimeClass overhead `nestbox config` prints is the guest memory plus an allowance for
+/// these two; the allowance must cover what they take.
+fn check_host_cost(c: &Containerd) {
+    let (shims, vmms) = (c.shim_pids(), c.vmm_pids());
+    assert_eq!((shims.len(), vmms.len()), (1, 1), "one shim and one VMM for the pod");
+    let (shim, vmm, guest) = (rss_kib(shims[0]), rss_kib(vmms[0]), largest_mapping_rss_kib(vmms[0]));
+    let out = Command::new(binary("nestbox-shim", "nestbox"))
+        .arg("config")
+        .env("NESTBOX_CONFIG", &c.nestbox_config)
+        .output()
+        .expect("running nestbox config");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let allowance = printed
+        .lines()
+        .find_map(|l| l.split_once("VMM and shim: ")?.1.split_once(" MiB")?.0.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("the VMM and shim allowance in nestbox config's output:\n{printed}"));
+    let host_side_kib = shim + vmm.saturating_sub(guest);
+    eprintln!(
+        "host cost of the running pod: shim {shim} KiB, VMM {} KiB beside {guest} KiB of guest RAM touched; \
+         allowance {allowance} MiB",
+        vmm.saturating_sub(guest)
+    );
+    assert!(shim > 0 && vmm > guest, "the shim's and the VMM's memory read: {shim} {vmm} {guest}");
+    assert!(
+        host_side_kib <= allowance * 1024,
+        "the pod's host side ({host_side_kib} KiB) exceeds the overhead's allowance"
+    );
+}
+
+/// A pod with resources, one CPU and 64 MiB: containerd passes them to the runtime as
+/// sandbox annotations and nestbox sizes the VM the way Kata does, the default (1 vCPU,
+/// 256 MiB) plus the limits. A shape of its own, so its first pod boots a guest here.
+fn check_sized_pod(c: &Containerd, logs: &Path) {
+    let cri = c.cri();
+    let ns = namespaces(NamespaceMode::Pod, NamespaceMode::Pod, NamespaceMode::Container);
+    let mut sandbox = pod_config("sized", &std::process::id().to_string(), logs, ns.clone());
+    let resources = api::LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 100_000,
+        memory_limit_in_bytes: 64 << 20,
+        ..Default::default()
+    };
+    sandbox.linux.as_mut().expect("the pod's linux config").resources = Some(resources);
+    let context = || format!("containerd log tail:\n{}", c.log_tail(60));
+    let pod = cri.run_pod_sandbox(&sandbox, "nestbox", GUEST_DEADLINE).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    let config = container_config("sizes", BUSYBOX, &["sleep", "3600"], "sizes.log", ns.clone());
+    let id =
+        cri.create_container(&pod, &config, &sandbox, GUEST_DEADLINE).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    cri.start_container(&id, GUEST_DEADLINE).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    let script = "grep -c ^processor /proc/cpuinfo; grep MemTotal /proc/meminfo";
+    let out =
+        cri.exec_sync(&id, &["sh", "-c", script], 0, GUEST_DEADLINE).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    let mut lines = out.stdout.lines();
+    let cpus: u32 = lines.next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    let mem_kib: u64 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert_eq!(cpus, 2, "1 vCPU + the pod's one CPU: {out:?}");
+    // MemTotal is the VM's memory less what the kernel keeps: above the default 256 MiB,
+    // within the 320 MiB of the sized VM.
+    assert!(mem_kib > 256 * 1024 && mem_kib <= 320 * 1024, "256 MiB + the pod's 64 MiB: {out:?}");
+    cri.stop_container(&id, 2, GUEST_DEADLINE).expect("StopContainer");
+    cri.remove_container(&id, GUEST_DEADLINE).expect("RemoveContainer");
+    cri.stop_pod_sandbox(&pod, GUEST_DEADLINE).expect("StopPodSandbox");
+    cri.remove_pod_sandbox(&pod, GUEST_DEADLINE).expect("RemovePodSandbox");
+    c.assert_clean();
+    wait_for_no_shims(c);
 }
 
 /// StopContainer's timeout for a process that ignores SIGTERM, and what a stop may take

@@ -17,8 +17,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-/// Per-pod host memory beyond the guest's own: the VMM (a few MiB measured, see
-/// docs/benchmarks.md) and the shim, rounded up.
+/// Per-pod host memory beside the guest's own: the shim and the VMM without its guest RAM
+/// mapping. Measured by `cri_pod` on every run, which fails if they outgrow this: RSS of a
+/// running CRI pod here about 10 MiB (shim) + 4 MiB (VMM), docs/shim.md "The RuntimeClass
+/// overhead". Rounded up with room for the VMM's kernel-side memory (page tables, KVM),
+/// which RSS does not show.
 const POD_OVERHEAD_MIB: u64 = 32;
 
 #[derive(Parser)]
@@ -220,7 +223,9 @@ fn print_registration() -> ExitCode {
          \x20 pod_annotations = [\"io.nestbox.*\"]\n\
          \n\
          # Kubernetes: kubectl apply -f - (pods opt in with runtimeClassName: nestbox).\n\
-         # overhead: the guest's memory ({memory} MiB, hypervisor.memory_mib) and the VMM and shim.\n\
+         # overhead: the guest's memory ({memory} MiB, hypervisor.memory_mib) and the VMM and shim: \
+         {POD_OVERHEAD_MIB} MiB.\n\
+         # cpu: the VMM's and shim's own threads (the guest's vCPUs are sized from the pod's limits).\n\
          ---\n\
          apiVersion: node.k8s.io/v1\n\
          kind: RuntimeClass\n\

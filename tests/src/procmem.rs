@@ -1,0 +1,45 @@
+//! A process's resident memory as /proc reports it, for the tests that bound what a pod
+//! costs the host.
+
+/// A `Name:   N kB` field of a /proc text, in KiB.
+fn kib_field(line: &str, name: &str) -> Option<u64> {
+    line.strip_prefix(name)?.trim().strip_suffix("kB")?.trim().parse().ok()
+}
+
+/// Resident set size (VmRSS) of a process, KiB; 0 when it is gone.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| kib_field(l, "VmRSS:")).unwrap_or(0)
+}
+
+/// RSS of the process's largest mapping, KiB: in a VMM, the guest's memory (as far as the
+/// guest has touched it).
+pub fn largest_mapping_rss_kib(pid: i32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut best_size, mut best_rss, mut size) = (0, 0, 0);
+    for line in smaps.lines() {
+        if let Some(v) = kib_field(line, "Size:") {
+            size = v;
+        } else if let Some(rss) = kib_field(line, "Rss:") {
+            if size > best_size {
+                (best_size, best_rss) = (size, rss);
+            }
+        }
+    }
+    best_rss
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_resident_memory() {
+        let me = std::process::id() as i32;
+        let rss = rss_kib(me);
+        assert!(rss > 0, "VmRSS of this test");
+        let largest = largest_mapping_rss_kib(me);
+        assert!(largest > 0 && largest <= rss, "largest mapping {largest} KiB within {rss} KiB");
+        assert_eq!(rss_kib(i32::MAX), 0, "no such process");
+    }
+}
