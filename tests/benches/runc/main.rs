@@ -6,7 +6,7 @@
 //!         [--quick] [--figures start,memory,exec,throughput,crisandbox,cri] [--binaries DIR]
 //!
 //! containerd runs with its own root, state and sockets in a temporary folder and the CRI
-//! plugin on (host network, so no CNI), with the busybox image built locally
+//! plugin on (CNI's bridge in the harness's own network namespace for the pods), with the busybox image built locally
 //! (tests/src/containerd.rs, the harness the tests use). Runtimes:
 //!
 //!   runc          io.containerd.runc.v2
@@ -16,7 +16,7 @@
 //!   nestbox-host  the shim's test-only `host-agent` build (DIR/containerd-shim-nestbox-host-v2
 //!                 with DIR/nestbox-agent beside it): the same shim, agent, protocol and
 //!                 streams with the agent on the host, i.e. everything but the guest kernel
-//!                 (docs/benchmarks-runc.md, "Everything but the guest kernel"). Not in the
+//!                 (docs/benchmarks-host.md). Not in the
 //!                 default list: `--runtimes runc,nestbox-host`.
 //!
 //! DIR holds the shim, the VMM and the guest image (DIR/guest/vmlinux, initramfs.cpio) to
