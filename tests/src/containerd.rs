@@ -429,8 +429,11 @@ fn cri_config(cni: &Path, pod_network: bool) -> String {
         format!("  runtime_type = \"{RUNC}\""),
         format!("{plugin}.containerd.runtimes.nestbox]"),
         format!("  runtime_type = \"{RUNTIME}\""),
+        // As `nestbox install` registers it (docs/install.md).
+        "  privileged_without_host_devices = true".into(),
         format!("{plugin}.containerd.runtimes.nestbox-host]"),
         format!("  runtime_type = \"{RUNTIME_HOST}\""),
+        "  privileged_without_host_devices = true".into(),
     ]
     .join("\n")
         + "\n"

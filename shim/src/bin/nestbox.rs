@@ -221,6 +221,8 @@ fn print_registration() -> ExitCode {
          [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nestbox]\n\
          \x20 runtime_type = \"{RUNTIME_ID}\"\n\
          \x20 pod_annotations = [\"io.nestbox.*\"]\n\
+         \x20 # A privileged pod gets the guest's devices, not the host's.\n\
+         \x20 privileged_without_host_devices = true\n\
          \n\
          # Kubernetes: kubectl apply -f - (pods opt in with runtimeClassName: nestbox).\n\
          # overhead: the guest's memory ({memory} MiB, hypervisor.memory_mib) and the VMM and shim: \

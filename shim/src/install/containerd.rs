@@ -61,7 +61,7 @@ fn stanza(version: i64) -> String {
     let header: Vec<String> =
         path.iter().chain(["nestbox"].iter()).map(|k| toml_edit::Key::new(*k).display_repr().into_owned()).collect();
     format!(
-        "{MARK}\n[{}]\n  runtime_type = \"{RUNTIME_ID}\"\n  pod_annotations = [\"io.nestbox.*\"]\n",
+        "{MARK}\n[{}]\n  runtime_type = \"{RUNTIME_ID}\"\n  pod_annotations = [\"io.nestbox.*\"]\n  privileged_without_host_devices = true\n",
         header.join(".")
     )
 }
@@ -183,6 +183,7 @@ fn insert_in_place(doc: &mut DocumentMut, keys: &[&str], path: &Path) -> Result<
     let mut runtime = InlineTable::new();
     runtime.insert("runtime_type", RUNTIME_ID.into());
     runtime.insert("pod_annotations", Array::from_iter(["io.nestbox.*"]).into());
+    runtime.insert("privileged_without_host_devices", true.into());
     table.insert("nestbox", value(runtime));
     Ok(())
 }

@@ -44,7 +44,8 @@ root = "/var/lib/containerd"   # keep
 /// What `nestbox install` appends to [`SAMPLE_CONFIG`] (it ends without a newline).
 pub const SAMPLE_STANZA: &str = "\n\n# Added by `nestbox install`; `nestbox uninstall` takes it out again.\n\
     [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nestbox]\n  \
-    runtime_type = \"io.containerd.nestbox.v2\"\n  pod_annotations = [\"io.nestbox.*\"]\n";
+    runtime_type = \"io.containerd.nestbox.v2\"\n  pod_annotations = [\"io.nestbox.*\"]\n  \
+    privileged_without_host_devices = true\n";
 
 pub const BINARIES: [&str; 3] = ["containerd-shim-nestbox-v2", "nestbox-vmm", "nestbox"];
 
