@@ -207,7 +207,7 @@ fn containers_run_in_their_own_vms() {
             "sh",
             "-c",
             "read line; echo \"got $line\"; echo \"guest $(uname -r)\"; echo links $(ls /sys/class/net); \
-             echo to-stderr >&2; exit 3",
+             echo \"tunables=$GLIBC_TUNABLES\"; echo to-stderr >&2; exit 3",
         ]),
         b"piped-input\n",
         GUEST_DEADLINE,
@@ -227,6 +227,15 @@ fn containers_run_in_their_own_vms() {
     // No CNI namespace (ctr): the container has its own network namespace in the guest
     // with loopback only; the VM's virtio-net device stays unused.
     assert!(once.stdout.lines().any(|l| l.trim() == "links lo"), "loopback only: {once:?}");
+    // A software-nested host's guest (kvm_pvm: `noxsave`, the AVX registers unsaved across
+    // guest task switches) keeps glibc programs off AVX through glibc's tunables; any
+    // other host leaves the environment alone (agent/src/container/avx_quirk.rs).
+    let tunables = once.stdout.lines().find_map(|l| l.strip_prefix("tunables=")).unwrap_or_default().trim();
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(tunables.starts_with("glibc.cpu.hwcaps=-AVX,-AVX2,"), "AVX off for glibc: {once:?}");
+    } else {
+        assert_eq!(tunables, "", "the environment as the spec has it: {once:?}");
+    }
     assert!(!c.sandbox_dirs().iter().any(|d| d.ends_with("once")), "the --rm pod's sandbox is gone");
     let first_templates = templates(&c);
     assert_eq!(first_templates.len(), 1, "one template made: {first_templates:?}\n{}", c.log_tail(60));

@@ -20,7 +20,7 @@ use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, PosixRlimit, PosixRlimitType, Process, Spec};
 
 use super::spawn::{self, HelperConfig, Mode, Report, CONTROL_FD, PIDFD_FD};
-use super::{caps, mounts, seccomp};
+use super::{avx_quirk, caps, mounts, seccomp};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -47,6 +47,8 @@ fn run(control: &mut File) -> Result<std::convert::Infallible> {
     let config: HelperConfig =
         spawn::recv(control).context("reading the configuration")?.ok_or_else(|| anyhow!("agent went away"))?;
     let spec: Spec = serde_json::from_str(&config.spec_json).context("parsing the spec")?;
+    // Before the container's mounts hide the guest's /proc.
+    let avx_off = avx_quirk::ymm_unsaved(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let process: Process = match &config.process_json {
         Some(json) => serde_json::from_str(json).context("parsing the process")?,
         None => spec.process().clone().ok_or_else(|| anyhow!("the spec has no process"))?,
@@ -65,7 +67,7 @@ fn run(control: &mut File) -> Result<std::convert::Infallible> {
         set_rlimit(rlimit)?;
     }
     drop_privileges(process, filter.as_deref(), no_new_privs)?;
-    let program = Program::find(process)?;
+    let program = Program::find(process, avx_off)?;
 
     spawn::send(control, &Report::Ready).context("reporting ready")?;
     let mut start = [0u8; 1];
@@ -221,10 +223,14 @@ struct Program {
 }
 
 impl Program {
-    fn find(process: &Process) -> Result<Program> {
+    /// `avx_off`: the guest leaves AVX registers unsaved (see `avx_quirk`).
+    fn find(process: &Process, avx_off: bool) -> Result<Program> {
         let cwd = if process.cwd().as_os_str().is_empty() { Path::new("/") } else { process.cwd().as_path() };
         nix::unistd::chdir(cwd).with_context(|| format!("cwd {}", cwd.display()))?;
-        let env: Vec<String> = process.env().clone().unwrap_or_default();
+        let mut env: Vec<String> = process.env().clone().unwrap_or_default();
+        if avx_off {
+            env = avx_quirk::with_avx_off(env);
+        }
         let (path, argv) = command(process, &env)?;
         let envp = to_cstrings(env.iter().map(String::as_str))?;
         Ok(Program { path, argv, envp })
