@@ -145,33 +145,64 @@ pub fn flag_name(flag: libc::c_int) -> &'static str {
     }
 }
 
+/// The stack the cloned child runs on until its exec: `exec_child` is a few frames of
+/// fcntl and dup2.
+const CHILD_STACK_BYTES: usize = 64 * 1024;
+
+/// What the cloned child needs, prepared before the clone.
+struct ChildArgs<'a> {
+    sources: &'a [RawFd; 5],
+    exe: RawFd,
+    empty: *const libc::c_char,
+    argv: &'a [*const libc::c_char; 3],
+    envp: &'a [*const libc::c_char; 1],
+}
+
 /// Clones the child and has it execute the helper; returns the child's PID.
+///
+/// The clone shares the agent's memory (CLONE_VM) and suspends this thread until the
+/// child has executed the helper or died (CLONE_VFORK), as posix_spawn does: a fork-like
+/// clone would copy the agent's page tables only for the exec to throw them away, and the
+/// child's first writes would each take a copy-on-write fault. Both are guest-kernel work,
+/// which a software-nested host emulates (docs/agent.md, "How a container process is
+/// made"). The child runs on a stack of its own, so it never writes into this thread's.
 fn clone_exec(clone_flags: libc::c_int, sources: &[RawFd; 5], exe: RawFd) -> io::Result<i32> {
-    // Everything the child needs is prepared here, before the clone.
     let argv0 = CString::new("nestbox-agent").map_err(io::Error::other)?;
     let argv1 = CString::new(HELPER_ARG).map_err(io::Error::other)?;
     let empty = CString::default();
     let argv = [argv0.as_ptr(), argv1.as_ptr(), std::ptr::null()];
     let envp = [std::ptr::null()];
-    // SAFETY: a fork-like clone (no CLONE_VM: the child gets a copy of the address space
-    // and runs on its copy of this stack). The child only calls the async-signal-safe
-    // fcntl, dup2, execveat and _exit with data prepared above.
-    let pid = unsafe {
-        libc::syscall(libc::SYS_clone, (clone_flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
-    };
+    let args = ChildArgs { sources, exe, empty: empty.as_ptr(), argv: &argv, envp: &envp };
+    let mut stack = vec![0u8; CHILD_STACK_BYTES];
+    // The stack grows down from its top, which the x86_64 ABI wants 16-byte aligned.
+    let top = (stack.as_mut_ptr() as usize + CHILD_STACK_BYTES) & !0xf;
+    let flags = clone_flags | libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    // SAFETY: `child` runs on `stack` (alive until clone returns, which CLONE_VFORK delays
+    // until the child has executed or exited) with `args` (alive as long). The child shares
+    // this memory, so it only calls the async-signal-safe fcntl, dup2, execveat and _exit
+    // on data prepared above; this thread is suspended meanwhile, so nothing races it.
+    let pid =
+        unsafe { libc::clone(child, top as *mut libc::c_void, flags, &args as *const ChildArgs as *mut libc::c_void) };
+    drop(stack);
     match pid {
         -1 => Err(io::Error::last_os_error()),
-        // SAFETY: in the child of the clone above, with pointers into its copy of memory.
-        0 => unsafe { exec_child(sources, exe, empty.as_ptr(), &argv, &envp) },
-        pid => Ok(pid as i32),
+        pid => Ok(pid),
     }
+}
+
+/// The cloned child's entry point (see `clone_exec`).
+extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` that clone_exec passed, alive while this runs.
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    // SAFETY: in the child of clone_exec's clone, with pointers prepared before it.
+    unsafe { exec_child(a.sources, a.exe, a.empty, a.argv, a.envp) }
 }
 
 /// In the cloned child: descriptors into place, then the helper. Never returns.
 ///
 /// # Safety
-/// Only in the child of a fork-like clone; all pointers valid (they point into the
-/// parent's memory, copied into the child).
+/// Only in the child of `clone_exec`'s clone; all pointers valid (they point into the
+/// parent's memory, which the child shares while the parent waits).
 unsafe fn exec_child(
     sources: &[RawFd; 5],
     exe: RawFd,
