@@ -22,6 +22,7 @@ pub(crate) const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
 pub(crate) const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 pub(crate) const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
 pub(crate) const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+pub(crate) const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
 pub(crate) const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
 pub(crate) const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 
@@ -29,7 +30,7 @@ pub(crate) const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
 const OFF_ARGS: u32 = 16;
-const MAX_INSNS: usize = 4096;
+pub(crate) const MAX_INSNS: usize = 4096;
 /// The most compares one run jumps over to its return (BPF jump offsets are 8 bits).
 const RUN: usize = 255;
 

@@ -35,15 +35,16 @@
 //!   order here, by libseccomp's tree order there (no known profile has such rules).
 //! - Comparisons are 64-bit on x86_64, 32-bit (the low halves) on i386 and x32, which
 //!   libseccomp takes for a 32-bit ABI.
-//! - Unknown numbers (no rule) get the default action, as from libseccomp. runc adds a
-//!   stub on top that returns ENOSYS for numbers above the highest one the profile names;
-//!   the agent does not (see docs/agent.md).
+//! - Numbers without a rule get the default action, as from libseccomp; in front of the
+//!   filter runc puts a stub that fails numbers above the highest one the profile names
+//!   with ENOSYS, and so does the agent (`enosys`).
 
 use std::collections::BTreeMap;
 
 use oci_spec::runtime::{Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator, LinuxSyscall};
 
 mod bpf;
+mod enosys;
 #[cfg(test)]
 mod libseccomp_diff;
 #[rustfmt::skip]
@@ -87,7 +88,7 @@ pub(crate) const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 pub(crate) const RET_KILL_THREAD: u32 = 0x0000_0000;
 const RET_KILL_PROCESS: u32 = 0x8000_0000;
 const RET_TRAP: u32 = 0x0003_0000;
-const RET_ERRNO: u32 = 0x0005_0000;
+pub(crate) const RET_ERRNO: u32 = 0x0005_0000;
 const RET_TRACE: u32 = 0x7ff0_0000;
 const RET_LOG: u32 = 0x7ffc_0000;
 const RET_ALLOW: u32 = 0x7fff_0000;
@@ -310,8 +311,19 @@ pub(crate) fn resolve(profile: &LinuxSeccomp) -> Result<Filter, SeccompError> {
     Ok(Filter { default, abis })
 }
 
-/// Compiles a profile to a BPF program for `install`.
+/// Compiles a profile to a BPF program for `install`: runc's ENOSYS stub, then the
+/// filter libseccomp would make.
 pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<Insn>, SeccompError> {
+    let mut prog = enosys::stub(profile)?;
+    prog.append(&mut libseccomp_equivalent(profile)?);
+    if prog.len() > bpf::MAX_INSNS {
+        return Err(SeccompError::TooLong(prog.len()));
+    }
+    Ok(prog)
+}
+
+/// The filter alone, as libseccomp compiles the profile under runc.
+pub(crate) fn libseccomp_equivalent(profile: &LinuxSeccomp) -> Result<Vec<Insn>, SeccompError> {
     bpf::emit(&resolve(profile)?)
 }
 

@@ -1,4 +1,4 @@
-use super::bpf::{AND_K, JEQ_K, JGE_K, JGT_K, LD_W_ABS, RET_K};
+use super::bpf::{AND_K, JA, JEQ_K, JGE_K, JGT_K, JSET_K, LD_W_ABS, RET_K};
 use super::*;
 
 /// A classic-BPF interpreter for seccomp programs: what `compile` emits and what
@@ -235,5 +235,29 @@ fn unsupported_profiles_are_errors() {
     assert_eq!(nr("read"), 0);
     assert_eq!(nr("openat2"), 437);
     // The program uses only what the interpreter knows (and the kernel checks).
-    assert!(prog.iter().all(|i| [LD_W_ABS, JEQ_K, JGT_K, JGE_K, AND_K, RET_K, super::bpf::JA].contains(&i.code)));
+    assert!(prog.iter().all(|i| [LD_W_ABS, JEQ_K, JGT_K, JGE_K, JSET_K, AND_K, RET_K, JA].contains(&i.code)));
+}
+
+#[test]
+fn numbers_above_the_profiles_highest_get_enosys_as_under_runc() {
+    let p = profile(
+        r#"{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86_64","SCMP_ARCH_X86"],
+            "syscalls":[{"names":["read","openat2"],"action":"SCMP_ACT_ALLOW"},
+                        {"names":["mkdir"],"action":"SCMP_ACT_KILL"}]}"#,
+    );
+    let prog = compile(&p).expect("compiles");
+    let enosys = RET_ERRNO | 38;
+    let x86_64 = |nr| run(&prog, AUDIT_ARCH_X86_64, nr, [0; 6]);
+    assert_eq!(x86_64(nr("openat2")), ALLOW);
+    assert_eq!(x86_64(nr("openat2") - 1), DENY, "below the highest: the default");
+    assert_eq!(x86_64(nr("openat2") + 1), enosys);
+    assert_eq!(x86_64(nr("mkdir")), RET_KILL_THREAD);
+    assert_eq!(x86_64(X32_SYSCALL_BIT), RET_KILL_THREAD, "x32 is not listed: no stub, bad arch");
+    let i386_openat2 = Abi::I386.number("openat2").expect("i386 openat2");
+    assert_eq!(run(&prog, AUDIT_ARCH_I386, i386_openat2 + 1, [0; 6]), enosys);
+    assert_eq!(run(&prog, AUDIT_ARCH_I386, 1, [0; 6]), DENY);
+    // A default that lets calls through gets no stub.
+    let allow =
+        profile(r#"{"defaultAction":"SCMP_ACT_LOG","syscalls":[{"names":["read"],"action":"SCMP_ACT_ERRNO"}]}"#);
+    assert_eq!(compile(&allow), libseccomp_equivalent(&allow));
 }
