@@ -4,11 +4,9 @@
 //! long jump to its section; otherwise the bad-arch action. Without X32 the x86_64
 //! section first gives numbers at or above the x32 bit the bad-arch action (except -1,
 //! as libseccomp); with X32 the x32 rules (numbers with the bit) share the section. A
-//! section: the unconditional calls grouped by action (a run of compares that jump to one
-//! return), then one block per call with argument conditions (entered on its number,
-//! ending in the default action), then the default action.
-
-use std::collections::BTreeMap;
+//! section: a binary search over the numbers of the calls with rules, whose leaves are runs
+//! of compares jumping to a return per action or to a call's block of argument checks
+//! (ending in the default action); then the default action.
 
 use oci_spec::runtime::LinuxSeccompOperator as Op;
 
@@ -31,7 +29,7 @@ const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
 const OFF_ARGS: u32 = 16;
 pub(crate) const MAX_INSNS: usize = 4096;
-/// The most compares one run jumps over to its return (BPF jump offsets are 8 bits).
+/// The longest short jump (BPF jump offsets are 8 bits).
 const RUN: usize = 255;
 
 fn stmt(code: u16, k: u32) -> Insn {
@@ -91,56 +89,105 @@ pub(crate) fn emit(filter: &Filter) -> Result<Vec<Insn>, SeccompError> {
 /// The rules of one or more ABIs of one audit architecture, with the system call number
 /// in the accumulator on entry; every path returns.
 fn section_body(parts: &[&AbiRules], default: u32) -> Result<Vec<Insn>, SeccompError> {
-    let mut out = Vec::new();
+    let mut calls = Vec::new();
     for rules in parts {
-        out.append(&mut abi_body(rules, default)?);
-        if out.len() > MAX_INSNS {
-            return Err(SeccompError::TooLong(out.len()));
+        for (&nr, call_rules) in &rules.calls {
+            let call = match call_rules.as_slice() {
+                [only] if only.conds.is_empty() => Call::Ret(only.ret),
+                _ => {
+                    let mut block = Vec::new();
+                    for rule in call_rules {
+                        block.append(&mut rule_block(rule, rules.abi.is_32bit())?);
+                    }
+                    block.push(stmt(RET_K, default));
+                    Call::Block(block)
+                }
+            };
+            calls.push((nr, call));
         }
     }
-    out.push(stmt(RET_K, default));
+    calls.sort_by_key(|(nr, _)| *nr);
+    let out = tree(&calls, default)?;
+    if out.len() > MAX_INSNS {
+        return Err(SeccompError::TooLong(out.len()));
+    }
     Ok(out)
 }
 
-/// One ABI's rules; a number without rules falls through.
-fn abi_body(rules: &AbiRules, default: u32) -> Result<Vec<Insn>, SeccompError> {
-    let mut by_action: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    let mut conditional = Vec::new();
-    for (&nr, call_rules) in &rules.calls {
-        match call_rules.as_slice() {
-            [only] if only.conds.is_empty() => by_action.entry(only.ret).or_default().push(nr),
-            _ => conditional.push((nr, call_rules)),
+/// What a call with rules gets: one action, or a block that checks its arguments (and
+/// ends in the default action).
+enum Call {
+    Ret(u32),
+    Block(Vec<Insn>),
+}
+
+/// Calls per leaf of the search tree: a leaf is a run of compares.
+const LEAF: usize = 16;
+
+/// A binary search over the calls (sorted by number), so a call costs a few compares
+/// rather than a scan (runc asks libseccomp for the same, its binary-tree optimization).
+/// Every path returns: a number without a call gets the default action.
+fn tree(calls: &[(u32, Call)], default: u32) -> Result<Vec<Insn>, SeccompError> {
+    if calls.len() <= LEAF {
+        if let Some(leaf) = leaf(calls, default) {
+            return Ok(leaf);
+        }
+        if let [(nr, call)] = calls {
+            return Ok(match call {
+                Call::Ret(ret) => vec![jump(JEQ_K, *nr, 0, 1)?, stmt(RET_K, *ret), stmt(RET_K, default)],
+                // A block too long for a short jump: compare, then return on a miss.
+                Call::Block(block) => {
+                    let mut out = vec![jump(JEQ_K, *nr, 1, 0)?, stmt(RET_K, default)];
+                    out.extend_from_slice(block);
+                    out
+                }
+            });
         }
     }
-    let mut out = Vec::new();
-    for (ret, nrs) in by_action {
-        for run in nrs.chunks(RUN) {
-            // Each compare jumps to the run's return; the last one skips it on a miss.
-            for (i, &nr) in run.iter().enumerate() {
-                let last = i + 1 == run.len();
-                out.push(jump(JEQ_K, nr, run.len() - 1 - i, usize::from(last))?);
-            }
-            out.push(stmt(RET_K, ret));
-        }
-    }
-    for (nr, call_rules) in conditional {
-        let mut body = Vec::new();
-        for rule in call_rules {
-            body.append(&mut rule_block(rule, rules.abi.is_32bit())?);
-        }
-        body.push(stmt(RET_K, default));
-        if body.len() <= RUN {
-            out.push(jump(JEQ_K, nr, 0, body.len())?);
-        } else {
-            out.push(jump(JEQ_K, nr, 1, 0)?);
-            out.push(stmt(JA, body.len() as u32));
-        }
-        out.append(&mut body);
-        if out.len() > MAX_INSNS {
-            return Err(SeccompError::TooLong(out.len()));
-        }
-    }
+    let mid = calls.len() / 2;
+    let (left, right) = (tree(&calls[..mid], default)?, tree(&calls[mid..], default)?);
+    // At or above the middle number: the right half; else the left half.
+    let mut out = if left.len() <= RUN {
+        vec![jump(JGE_K, calls[mid].0, left.len(), 0)?]
+    } else {
+        vec![jump(JGE_K, calls[mid].0, 0, 1)?, stmt(JA, left.len() as u32)]
+    };
+    out.extend(left);
+    out.extend(right);
     Ok(out)
+}
+
+/// A run of compares, each jumping to its call's return or block after the run, where a
+/// miss returns the default action. None when an offset does not fit a short jump.
+fn leaf(calls: &[(u32, Call)], default: u32) -> Option<Vec<Insn>> {
+    // The targets after the run: one return per action, one block per conditional call.
+    let mut targets: Vec<Insn> = vec![stmt(RET_K, default)];
+    let mut rets: Vec<(u32, usize)> = vec![(default, 0)];
+    let mut offsets = Vec::with_capacity(calls.len());
+    for (_, call) in calls {
+        let at = match call {
+            Call::Ret(ret) => match rets.iter().find(|(r, _)| r == ret) {
+                Some(&(_, at)) => at,
+                None => {
+                    rets.push((*ret, targets.len()));
+                    targets.push(stmt(RET_K, *ret));
+                    targets.len() - 1
+                }
+            },
+            Call::Block(block) => {
+                targets.extend_from_slice(block);
+                targets.len() - block.len()
+            }
+        };
+        offsets.push(at);
+    }
+    let mut out = Vec::with_capacity(calls.len() + targets.len());
+    for (i, ((nr, _), at)) in calls.iter().zip(offsets).enumerate() {
+        // Past the remaining compares, then to the target (the first one: the default).
+        out.push(jump(JEQ_K, *nr, calls.len() - 1 - i + at, 0).ok()?);
+    }
+    out.extend(targets);
+    Some(out)
 }
 
 /// A jump target while a rule's block is assembled.

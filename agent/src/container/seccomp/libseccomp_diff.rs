@@ -207,10 +207,14 @@ fn corpus(profile: &Value) -> Vec<(u32, u32, [u64; 6])> {
     nrs.extend((0..=600).map(|n| n | X32_SYSCALL_BIT));
     nrs.extend([1000, 4095, 0x3fff_ffff, 0x7fff_ffff, 0x8000_0000, 0xbfff_ffff, 0xc000_0000, u32::MAX]);
     let arches = [AUDIT_ARCH_X86_64, AUDIT_ARCH_I386, AUDIT_ARCH_AARCH64, 0];
-    let mut inputs: Vec<_> = arches.iter().flat_map(|&a| nrs.iter().map(move |&n| (a, n, [0u64; 6]))).collect();
+    let mut inputs: Vec<_> = arches
+        .iter()
+        .flat_map(|&a| nrs.iter().flat_map(move |&n| [(a, n, [0u64; 6]), (a, n, [u64::MAX; 6])]))
+        .collect();
     // Calls with argument conditions in any ABI, and the i386 multiplexers.
     let mut conditional = BTreeSet::from([(AUDIT_ARCH_I386, 102), (AUDIT_ARCH_I386, 117)]);
-    for entry in profile["syscalls"].as_array().into_iter().flatten() {
+    let with_args = |e: &&Value| e["args"].as_array().is_some_and(|a| !a.is_empty());
+    for entry in profile["syscalls"].as_array().into_iter().flatten().filter(with_args) {
         for name in entry["names"].as_array().into_iter().flatten().filter_map(Value::as_str) {
             for (abi, arch) in
                 [(Abi::X86_64, AUDIT_ARCH_X86_64), (Abi::X32, AUDIT_ARCH_X86_64), (Abi::I386, AUDIT_ARCH_I386)]
@@ -220,6 +224,19 @@ fn corpus(profile: &Value) -> Vec<(u32, u32, [u64; 6])> {
         }
     }
     let candidates = arg_candidates(profile);
+    let mut pairs = BTreeSet::new();
+    for entry in profile["syscalls"].as_array().into_iter().flatten() {
+        let indices: Vec<usize> = entry["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| u64_field(a, "index"))
+            .map(|i| i as usize)
+            .collect();
+        for (n, &i) in indices.iter().enumerate() {
+            pairs.extend(indices[n + 1..].iter().filter(|&&j| j != i).map(|&j| (i.min(j), i.max(j))));
+        }
+    }
     for &(arch, nr) in &conditional {
         for i in 0..6 {
             for &v in &candidates[i] {
@@ -228,8 +245,8 @@ fn corpus(profile: &Value) -> Vec<(u32, u32, [u64; 6])> {
                 inputs.push((arch, nr, args));
             }
         }
-        // Pairs, for rules that AND conditions on two arguments.
-        for (i, j) in [(0, 1), (0, 2), (1, 2)] {
+        // Pairs, for the argument pairs that rules AND.
+        for &(i, j) in &pairs {
             for &v in &candidates[i] {
                 for &w in &candidates[j] {
                     let mut args = [0u64; 6];
@@ -306,4 +323,45 @@ fn edge_case_profiles_match_libseccomp() {
         assert_eq!(inputs == 0, label.starts_with("refused"), "{label}");
     }
     assert_eq!((cases.len(), refused), (10, 3));
+}
+
+/// A generated profile as large as real ones: every x86_64, i386 and x32 name with one of
+/// five actions in turn (deep search trees, leaves with several returns), and calls with
+/// so many conditional rules that their blocks need long jumps.
+#[test]
+fn a_large_profile_matches_libseccomp() {
+    let mut names: Vec<&str> = super::syscalls_x86_64::SYSCALLS.iter().map(|(n, _)| *n).collect();
+    names.extend(super::syscalls_i386::SYSCALLS.iter().map(|(n, _)| *n));
+    names.extend(super::syscalls_x32::SYSCALLS.iter().map(|(n, _)| *n));
+    names.sort_unstable();
+    names.dedup();
+    let conditional = ["ioctl", "prctl", "fcntl"];
+    let actions = [
+        ("SCMP_ACT_ALLOW", 0),
+        ("SCMP_ACT_ERRNO", 13),
+        ("SCMP_ACT_TRAP", 0),
+        ("SCMP_ACT_LOG", 0),
+        ("SCMP_ACT_ERRNO", 1),
+    ];
+    let mut syscalls: Vec<Value> = names
+        .iter()
+        .filter(|n| !conditional.contains(n))
+        .enumerate()
+        .map(|(i, n)| {
+            let (action, errno) = actions[i % actions.len()];
+            serde_json::json!({"names": [n], "action": action, "errnoRet": errno})
+        })
+        .collect();
+    for (c, name) in conditional.iter().enumerate() {
+        // ioctl's block is longer than a short jump (60 rules of 5 instructions on x86_64).
+        for v in 0..if c == 0 { 60u64 } else { 10 } {
+            let value = if c == 0 { v } else { v << 32 | v };
+            syscalls.push(serde_json::json!({"names": [name], "action": actions[(v as usize + c) % 4].0,
+                "errnoRet": 13, "args": [{"index": c, "value": value, "op": "SCMP_CMP_EQ"}]}));
+        }
+    }
+    let profile = serde_json::json!({"defaultAction": "SCMP_ACT_KILL_PROCESS",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"], "syscalls": syscalls});
+    let (inputs, _, ours) = compare("large: every name, five actions, long blocks", &profile);
+    assert!(inputs > 10_000 && ours > 1000, "{inputs} inputs, {ours} instructions");
 }
