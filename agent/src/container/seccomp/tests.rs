@@ -5,6 +5,11 @@ use super::*;
 /// libseccomp exports (loads, scratch memory, ALU, jumps, returns). Panics on anything
 /// else, on a read past `seccomp_data` and on running off the end.
 pub(super) fn run(prog: &[Insn], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
+    run_counted(prog, arch, nr, args).0
+}
+
+/// `run`, also counting the instructions executed.
+pub(super) fn run_counted(prog: &[Insn], arch: u32, nr: u32, args: [u64; 6]) -> (u32, usize) {
     let mut data = [0u8; 64];
     data[0..4].copy_from_slice(&nr.to_le_bytes());
     data[4..8].copy_from_slice(&arch.to_le_bytes());
@@ -12,7 +17,7 @@ pub(super) fn run(prog: &[Insn], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
         data[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_le_bytes());
     }
     let (mut pc, mut a, mut x, mut mem) = (0usize, 0u32, 0u32, [0u32; 16]);
-    loop {
+    for steps in 1.. {
         let insn = prog[pc];
         pc += 1;
         let class = u32::from(insn.code) & 0x07;
@@ -64,7 +69,7 @@ pub(super) fn run(prog: &[Insn], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
                 };
                 pc += usize::from(if cond { insn.jt } else { insn.jf });
             }
-            libc::BPF_RET => return if u32::from(insn.code) & 0x18 == libc::BPF_A { a } else { insn.k },
+            libc::BPF_RET => return (if u32::from(insn.code) & 0x18 == libc::BPF_A { a } else { insn.k }, steps),
             libc::BPF_MISC => {
                 if u32::from(insn.code) & 0xf8 == libc::BPF_TAX {
                     x = a
@@ -75,6 +80,7 @@ pub(super) fn run(prog: &[Insn], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
             other => panic!("unexpected class {other:#x}"),
         }
     }
+    unreachable!("the loop returns")
 }
 
 fn profile(json: &str) -> LinuxSeccomp {
