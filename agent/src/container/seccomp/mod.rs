@@ -23,7 +23,8 @@
 //!   the multiplexers socketcall/ipc with argument 0 equal to the call's number, as
 //!   libseccomp adds.
 //! - Actions as runc maps them: KILL and KILL_THREAD kill the thread, ERRNO and TRACE
-//!   without `errnoRet` use EPERM, rules whose action equals the default are dropped.
+//!   without `errnoRet` use EPERM, the errno is cut to 16 bits and an ERRNO from 4095 on
+//!   refused (libseccomp's limit), rules whose action equals the default are dropped.
 //!   NOTIFY is refused: no seccomp agent listens here.
 //! - Rules of one call: the first unconditional rule wins over every other rule of that
 //!   call (libseccomp keeps a call without argument chains as is, and replaces chains by a
