@@ -318,6 +318,27 @@ fn compare(label: &str, profile: &Value) -> (usize, usize, usize) {
     (inputs.len(), theirs.len(), ours.len())
 }
 
+/// containerd's default profile as containerd 1.6.20 (this host's) writes it into a
+/// container's spec for seccomp RuntimeDefault: with the default capabilities, and with
+/// CAP_SYS_ADMIN, which swaps the masked clone rule and clone3's ENOSYS for plain rules
+/// (testdata/, copied from real bundles; `_source` says which).
+#[test]
+fn containerd_default_profiles_match_libseccomp() {
+    for (label, json) in [
+        ("containerd 1.6.20 default", include_str!("testdata/containerd-1.6.20-default.json")),
+        ("containerd 1.6.20 default, CAP_SYS_ADMIN", include_str!("testdata/containerd-1.6.20-default-sys-admin.json")),
+    ] {
+        let fixture: Value = serde_json::from_str(json).expect("fixture JSON");
+        let profile = &fixture["seccomp"];
+        assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO", "{label}");
+        let (inputs, theirs, ours) = compare(label, profile);
+        assert!(
+            inputs > 10_000 && theirs > 300 && ours > 300,
+            "{label}: {inputs} inputs, {theirs}/{ours} instructions"
+        );
+    }
+}
+
 /// Hand-made profiles (testdata/edge-profiles.json) for what the default profile does not
 /// exercise: every action, ERRNO and KILL defaults, errnos cut to 16 bits, three ABIs and
 /// none listed, every comparison on 64-bit values, masks with high halves, conditions
