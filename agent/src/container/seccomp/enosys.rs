@@ -34,7 +34,9 @@ pub(crate) fn stub(profile: &LinuxSeccomp) -> Result<Vec<Insn>, SeccompError> {
     if matches!(profile.default_action(), ScmpActAllow | ScmpActLog | ScmpActTrace) {
         return Ok(Vec::new());
     }
-    let listed = |arch: Arch| profile.architectures().iter().flatten().any(|a| *a == arch);
+    // SCMP_ARCH_NATIVE is x86_64 here, as for runc on an x86_64 host.
+    let native = |a: &Arch| if *a == Arch::ScmpArchNative { Arch::ScmpArchX86_64 } else { *a };
+    let listed = |arch: Arch| profile.architectures().iter().flatten().any(|a| native(a) == arch);
     let last = |abi: Abi, arch: Arch| if listed(arch) { highest(profile, abi) } else { None };
     let ret_enosys = insn(RET_K, 0, 0, RET_ERRNO | ENOSYS);
     // Each section starts with the number loaded and ends with a jump to the filter,

@@ -262,6 +262,12 @@ fn numbers_above_the_profiles_highest_get_enosys_as_under_runc() {
     let i386_openat2 = Abi::I386.number("openat2").expect("i386 openat2");
     assert_eq!(run(&prog, AUDIT_ARCH_I386, i386_openat2 + 1, [0; 6]), enosys);
     assert_eq!(run(&prog, AUDIT_ARCH_I386, 1, [0; 6]), DENY);
+    // SCMP_ARCH_NATIVE stands for x86_64.
+    let native = profile(
+        r#"{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_NATIVE"],
+            "syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW"}]}"#,
+    );
+    assert_eq!(run(&compile(&native).expect("compiles"), AUDIT_ARCH_X86_64, 1, [0; 6]), enosys);
     // A default that lets calls through gets no stub.
     let allow =
         profile(r#"{"defaultAction":"SCMP_ACT_LOG","syscalls":[{"names":["read"],"action":"SCMP_ACT_ERRNO"}]}"#);
