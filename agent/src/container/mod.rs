@@ -20,8 +20,6 @@ mod launch;
 pub mod mounts;
 mod seccomp;
 pub mod spawn;
-#[rustfmt::skip]
-mod syscalls_x86_64;
 mod validate;
 
 use std::collections::HashMap;

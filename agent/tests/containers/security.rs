@@ -32,6 +32,110 @@ fn seccomp_profile_denies_a_syscall() {
     expect_code(agent.create("s3", &spec, Stdio::default()), ttrpc::Code::INVALID_ARGUMENT, "SCMP_ACT_NOTIFY");
 }
 
+/// A static x86_64 ELF that makes one system call (`code` sets eax, then `int 0x80` for
+/// the i386 ABI or `syscall` for x86_64 and x32) and exits with the call's result, so a
+/// container's shell sees the verdict: the result or `-errno & 0xff`, or 159 (SIGSYS) when
+/// the filter kills it.
+fn call_elf(code: &[u8]) -> Vec<u8> {
+    let tail = [0x89, 0xc7, 0xb8, 0xe7, 0, 0, 0, 0x0f, 0x05]; // mov edi,eax; exit_group (231)
+    let len = (64 + 56 + code.len() + tail.len()) as u64;
+    let mut elf = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
+    elf.extend(2u16.to_le_bytes()); // ET_EXEC
+    elf.extend(0x3eu16.to_le_bytes()); // EM_X86_64
+    elf.extend(1u32.to_le_bytes());
+    elf.extend((0x40_0000u64 + 120).to_le_bytes()); // entry: right after the headers
+    elf.extend(64u64.to_le_bytes()); // program headers
+    elf.extend(0u64.to_le_bytes()); // no sections
+    elf.extend(0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 0, 0, 0] {
+        elf.extend(half.to_le_bytes());
+    }
+    elf.extend(1u32.to_le_bytes()); // PT_LOAD
+    elf.extend(5u32.to_le_bytes()); // R+X
+    for word in [0u64, 0x40_0000, 0x40_0000, len, len, 0x1000] {
+        elf.extend(word.to_le_bytes());
+    }
+    elf.extend(code);
+    elf.extend(tail);
+    elf
+}
+
+#[test]
+fn seccomp_follows_the_profiles_architectures() {
+    root_only!();
+    let agent = Agent::start();
+    let rootfs = agent.rootfs("rootfs");
+    let i386 = call_elf(&[0xb8, 20, 0, 0, 0, 0xcd, 0x80]); // mov eax,20; int 0x80
+    let x32 = call_elf(&[0xb8, 0x27, 0, 0, 0x40, 0x0f, 0x05]); // mov eax,0x40000027; syscall
+    for (name, elf) in [("i386-getpid", i386), ("x32-getpid", x32)] {
+        let path = rootfs.join("bin").join(name);
+        std::fs::write(&path, elf).expect("writing the test program");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    }
+    let mut spec = agent.spec(&rootfs, &["sh", "-c", "i386-getpid; echo $?; x32-getpid; echo $?"]);
+    let profile = |archs: &[&str]| {
+        json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": archs,
+               "syscalls": [{"names": ["getpid"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::E2BIG}]})
+    };
+    let e2big = 256 - libc::E2BIG;
+    // Only x86_64: both other ABIs get libseccomp's bad-arch action (SIGSYS, 128 + 31).
+    spec["linux"]["seccomp"] = profile(&["SCMP_ARCH_X86_64"]);
+    let (_, out, _) = agent.run("x86_64", &spec);
+    assert_eq!(out, "159\n159\n");
+    // i386 listed: its getpid (20 there) is refused by the rule; x32 still killed.
+    spec["linux"]["seccomp"] = profile(&["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]);
+    let (_, out, _) = agent.run("i386", &spec);
+    assert_eq!(out, format!("{e2big}\n159\n"));
+    // x32 listed too: its getpid (0x40000027) is refused by the same named rule.
+    spec["linux"]["seccomp"] = profile(&["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]);
+    let (_, out, _) = agent.run("x32", &spec);
+    assert_eq!(out, format!("{e2big}\n{e2big}\n"));
+}
+
+/// A `syscall` instruction for x86_64 number `nr`, for `call_elf`.
+fn x86_64_call(nr: u32) -> Vec<u8> {
+    let mut code = vec![0xb8]; // mov eax, nr
+    code.extend(nr.to_le_bytes());
+    code.extend([0x0f, 0x05]);
+    code
+}
+
+#[test]
+fn containerds_default_seccomp_profile_in_a_container() {
+    root_only!();
+    let agent = Agent::start();
+    let rootfs = agent.rootfs("rootfs");
+    for (name, code) in [
+        ("i386-getpid", vec![0xb8, 20, 0, 0, 0, 0xcd, 0x80]),
+        ("set_mempolicy", x86_64_call(238)), // not in the profile: EPERM, the default
+        ("clone3", x86_64_call(435)),        // the profile's ERRNO 38 (ENOSYS) rule
+        ("fchmodat2", x86_64_call(452)),     // past the profile's highest: runc's stub, ENOSYS
+    ] {
+        let path = rootfs.join("bin").join(name);
+        std::fs::write(&path, call_elf(&code)).expect("writing the test program");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    }
+    let script =
+        "ls / >/dev/null && echo ls 0; for p in i386-getpid set_mempolicy clone3 fchmodat2; do $p; echo $p $?; done";
+    let mut spec = agent.spec(&rootfs, &["sh", "-c", script]);
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("../../src/container/seccomp/testdata/containerd-1.6.20-default.json"))
+            .expect("fixture JSON");
+    spec["linux"]["seccomp"] = fixture["seccomp"].clone();
+    let (status, out, err) = agent.run("containerd-default", &spec);
+    assert_eq!(status, 0, "{err}");
+    let (eperm, enosys) = (256 - libc::EPERM, 256 - libc::ENOSYS);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("ls 0"));
+    // i386 is listed: getpid is allowed there and returns the pid (small: a new PID namespace).
+    let i386: u32 = lines.next().and_then(|l| l.strip_prefix("i386-getpid ")).and_then(|n| n.parse().ok()).expect(&out);
+    assert!((1..100).contains(&i386), "{out}");
+    assert_eq!(
+        lines.collect::<Vec<_>>(),
+        [format!("set_mempolicy {eperm}"), format!("clone3 {enosys}"), format!("fchmodat2 {enosys}")]
+    );
+}
+
 #[test]
 fn dropped_capabilities_are_really_dropped() {
     root_only!();
