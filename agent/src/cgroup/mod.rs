@@ -11,9 +11,16 @@
 //! The spec's `cgroupsPath` is a host path (containerd's pod hierarchy); inside the pod's
 //! own VM it means nothing, so it is not used.
 //!
+//! The device cgroup is an eBPF program attached to a cgroup v2 directory (`devices`). On a
+//! v1 host the container's cgroup also gets a directory in the cgroup2 hierarchy mounted
+//! beside the v1 ones (the "unified" entry, /sys/fs/cgroup/unified under systemd's hybrid
+//! layout) so the same program is attached and tested there.
+//!
 //! Here: the hierarchy, a container's cgroup, freezing, OOM counts and removal; the limits
-//! written from the spec are in `limits`, the statistics in `stats`.
+//! written from the spec are in `limits`, the device program in `devices`, the statistics
+//! in `stats`.
 
+mod devices;
 mod limits;
 mod stats;
 
@@ -35,6 +42,8 @@ pub enum CgroupError {
     FreezeTimeout { timeout: Duration, path: PathBuf },
     #[error("resource {0} cannot be set on this cgroup hierarchy")]
     Unsupported(String),
+    #[error("devices: {0}")]
+    Devices(String),
 }
 
 type Result<T> = std::result::Result<T, CgroupError>;
@@ -45,6 +54,9 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Cgr
 
 /// The v1 controllers the agent uses, each in its own hierarchy.
 const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
+/// On a v1 host, the name of the cgroup2 directory among a cgroup's v1 ones: where the
+/// device program is attached.
+const UNIFIED: &str = "unified";
 
 /// Where containers' cgroups are made.
 #[derive(Debug, Clone)]
@@ -84,13 +96,19 @@ impl Hierarchy {
             let own_path = own_cgroup(&own, Some(controller)).unwrap_or_default();
             bases.push((controller, mount.point.join(own_path.trim_start_matches('/')).join(&leaf)));
         }
+        let unified = mounts.iter().find(|m| m.fstype == "cgroup2");
         if !bases.is_empty() {
+            // Last: the first directory is the one whose processes are listed.
+            if let Some(mount) = unified {
+                let own_path = own_cgroup(&own, None).unwrap_or_default();
+                bases.push((UNIFIED, mount.point.join(own_path.trim_start_matches('/')).join(&leaf)));
+            }
             for (_, base) in &bases {
                 mkdir(base)?;
             }
             return Ok(Hierarchy::V1 { bases });
         }
-        let Some(mount) = mounts.iter().find(|m| m.fstype == "cgroup2") else {
+        let Some(mount) = unified else {
             return Err(CgroupError::NoHierarchy("neither cgroup v1 controllers nor cgroup2 are mounted".into()));
         };
         let own_path = own_cgroup(&own, None).unwrap_or_default();
