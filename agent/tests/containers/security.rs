@@ -127,4 +127,11 @@ fn devices_follow_the_spec_rules() {
     assert!(out.starts_with("made\n") && !out.contains("Operation not permitted"), "{out}");
     assert!(out.ends_with("null-ok\n1\n"), "{out}");
     agent.remove("dev2").expect("remove");
+
+    // A rule that is no device rule is refused with its fault, and leaves no cgroup.
+    spec["linux"]["resources"] = json!({"devices": [{"allow": true, "type": "c", "access": "rwx"}]});
+    expect_code(agent.create("bad", &spec, Stdio::default()), ttrpc::Code::INVALID_ARGUMENT, "unknown access 'x'");
+    for dir in agent.cgroup_dirs("bad") {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
 }
