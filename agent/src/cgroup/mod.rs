@@ -63,8 +63,10 @@ const UNIFIED: &str = "unified";
 pub enum Hierarchy {
     /// cgroup v2: the parent of every container's cgroup.
     V2 { base: PathBuf },
-    /// cgroup v1: per controller, the parent directory in that controller's hierarchy.
-    V1 { bases: Vec<(&'static str, PathBuf)> },
+    /// cgroup v1: per controller, the parent directory in that controller's hierarchy (and
+    /// the cgroup2 one for the device program, [`UNIFIED`]); `private_cgroup2`: where the
+    /// agent mounted cgroup2 itself, in its own mount namespace, for want of one.
+    V1 { bases: Vec<(&'static str, PathBuf)>, private_cgroup2: Option<PathBuf> },
 }
 
 impl Hierarchy {
@@ -79,8 +81,10 @@ impl Hierarchy {
     }
 
     /// A host's: below the agent's own cgroup, in `nestbox-<pid>`, so that parallel
-    /// agents (tests) do not collide and the host's own limits still apply.
-    pub fn host() -> Result<Self> {
+    /// agents (tests) do not collide and the host's own limits still apply. With
+    /// `private_mounts` (the agent has a mount namespace of its own), a v1 host without a
+    /// cgroup2 mount gets one there, for the device program.
+    pub fn host(private_mounts: bool) -> Result<Self> {
         let mountinfo =
             fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading", Path::new("mountinfo")))?;
         let own = fs::read_to_string("/proc/self/cgroup").map_err(io_err("reading", Path::new("/proc/self/cgroup")))?;
@@ -98,15 +102,26 @@ impl Hierarchy {
         }
         let unified = mounts.iter().find(|m| m.fstype == "cgroup2");
         if !bases.is_empty() {
+            let (point, private_cgroup2) = match unified {
+                Some(mount) => (Some(mount.point.clone()), None),
+                None if private_mounts => match mount_private_cgroup2() {
+                    Ok(point) => (Some(point.clone()), Some(point)),
+                    Err(e) => {
+                        eprintln!("nestbox-agent: no cgroup2 for device programs: {e}");
+                        (None, None)
+                    }
+                },
+                None => (None, None),
+            };
             // Last: the first directory is the one whose processes are listed.
-            if let Some(mount) = unified {
+            if let Some(point) = point {
                 let own_path = own_cgroup(&own, None).unwrap_or_default();
-                bases.push((UNIFIED, mount.point.join(own_path.trim_start_matches('/')).join(&leaf)));
+                bases.push((UNIFIED, point.join(own_path.trim_start_matches('/')).join(&leaf)));
             }
             for (_, base) in &bases {
                 mkdir(base)?;
             }
-            return Ok(Hierarchy::V1 { bases });
+            return Ok(Hierarchy::V1 { bases, private_cgroup2 });
         }
         let Some(mount) = unified else {
             return Err(CgroupError::NoHierarchy("neither cgroup v1 controllers nor cgroup2 are mounted".into()));
@@ -123,7 +138,7 @@ impl Hierarchy {
     pub fn create(&self, id: &str) -> Result<Cgroup> {
         let cgroup = match self {
             Hierarchy::V2 { base } => Cgroup::V2(base.join(id)),
-            Hierarchy::V1 { bases } => Cgroup::V1(bases.iter().map(|(c, b)| (*c, b.join(id))).collect()),
+            Hierarchy::V1 { bases, .. } => Cgroup::V1(bases.iter().map(|(c, b)| (*c, b.join(id))).collect()),
         };
         for dir in cgroup.dirs() {
             if let Err(e) = mkdir(dir) {
@@ -140,13 +155,30 @@ impl Hierarchy {
             Hierarchy::V2 { base } => {
                 let _ = fs::remove_dir(base);
             }
-            Hierarchy::V1 { bases } => {
+            Hierarchy::V1 { bases, private_cgroup2 } => {
                 for (_, base) in bases {
                     let _ = fs::remove_dir(base);
+                }
+                if let Some(point) = private_cgroup2 {
+                    let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+                    let _ = fs::remove_dir(point);
                 }
             }
         }
     }
+}
+
+/// Mounts cgroup2 on a directory of the agent's own (in its own mount namespace).
+fn mount_private_cgroup2() -> Result<PathBuf> {
+    use nix::mount::MsFlags;
+    let point = std::env::temp_dir().join(format!("nestbox-agent-{}.cgroup2", std::process::id()));
+    mkdir(&point)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if let Err(e) = nix::mount::mount(Some("cgroup2"), &point, Some("cgroup2"), flags, None::<&str>) {
+        let _ = fs::remove_dir(&point);
+        return Err(io_err("mounting cgroup2 on", &point)(e.into()));
+    }
+    Ok(point)
 }
 
 struct Mount {

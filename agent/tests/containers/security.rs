@@ -135,3 +135,23 @@ fn devices_follow_the_spec_rules() {
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }
+
+/// A v1 host without a cgroup2 mount (here: unmounted in the agent's own mount namespace):
+/// the agent mounts cgroup2 privately for the device program, and removes it at exit.
+#[test]
+fn devices_without_a_cgroup2_mount() {
+    root_only!();
+    let unmount =
+        "umount /sys/fs/cgroup/unified 2>/dev/null; ! grep -q ' - cgroup2 ' /proc/self/mountinfo && exec \"$@\"";
+    let agent = Agent::start_in(&["unshare", "-m", "--propagation", "slave", "sh", "-c", unmount, "sh"]);
+    let private = std::env::temp_dir().join(format!("nestbox-agent-{}.cgroup2", agent.pid()));
+    assert!(private.is_dir(), "{} made", private.display());
+    let rootfs = agent.rootfs("rootfs");
+    let mut spec = agent.spec(&rootfs, &["sh", "-c", "exec 2>&1; mknod /dev/sda b 8 0; head -c 1 /dev/sda"]);
+    spec["linux"]["resources"] = json!({"devices": [{"allow": false, "access": "rwm"}]});
+    let (status, out, _) = agent.run("dev", &spec);
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains("/dev/sda: Operation not permitted"), "{out}");
+    drop(agent);
+    assert!(!private.exists(), "{} removed at exit", private.display());
+}
