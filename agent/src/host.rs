@@ -69,9 +69,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     blocked.thread_block().context("blocking SIGINT, SIGTERM and SIGCHLD")?;
 
     // Single-threaded still, as unshare(CLONE_NEWNS) requires.
-    if let Err(e) = private_mounts() {
-        eprintln!("nestbox-agent: no mount namespace of its own ({e}): storage mounts would reach the host");
-    }
+    let private = private_mounts();
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         eprintln!("nestbox-agent: not a child subreaper: {}", io::Error::last_os_error());
@@ -88,7 +86,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         reaper,
         io,
         exe: crate::container::spawn::own_executable().context("opening the agent's own executable")?,
-        cgroups: crate::cgroup::Hierarchy::host().map_err(|e| e.to_string()),
+        cgroups: crate::cgroup::Hierarchy::host(private).map_err(|e| e.to_string()),
         oom: Default::default(),
         share: options.share.clone(),
     };
@@ -141,11 +139,16 @@ fn serve_hybrid(hybrid: &Path, ports: Ports) -> anyhow::Result<()> {
     crate::host_hybrid::serve(hybrid, ports).with_context(|| format!("listening on {}", hybrid.display()))
 }
 
-/// A mount namespace of the agent's own, receiving the host's mounts but sending none back.
-fn private_mounts() -> nix::Result<()> {
+/// A mount namespace of the agent's own, receiving the host's mounts but sending none back;
+/// whether it was made.
+fn private_mounts() -> bool {
     use nix::mount::{mount, MsFlags};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>)
+    let made = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .and_then(|()| mount(None::<&str>, "/", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>));
+    if let Err(e) = &made {
+        eprintln!("nestbox-agent: no mount namespace of its own ({e}): storage mounts would reach the host");
+    }
+    made.is_ok()
 }
 
 /// Makes `socket` bindable: its directory must exist, and a socket file left by an agent

@@ -117,7 +117,41 @@ fn serve(cmdline: &str, reaper: std::sync::Arc<crate::reaper::Reaper>) -> anyhow
     Ok(())
 }
 
+/// Where / is bound before it is moved over itself (see `leave_rootfs`); removed after.
+const NEW_ROOT: &str = "/.nestbox-root";
+
+/// Leaves the initramfs's rootfs for a bind mount of it, as switch_root does (bind on a
+/// directory, move over /, chroot into it). The kernel refuses pivot_root where the
+/// caller's root is a mount without a parent, which rootfs is; containers' roots must be
+/// entered with pivot_root (a chroot keeps the old root reachable to a process with
+/// CAP_SYS_CHROOT), and in the mount namespace the helper copies from this one the root is
+/// now the bind mount, whose parent is rootfs. The files are the same, nothing is copied:
+/// six system calls. First of all, before anything is mounted below /, so a non-recursive
+/// bind takes all there is. (Binding / on / itself would not do: a path walk never
+/// crosses a mount stacked on the caller's own root, so it could not be entered.)
+fn leave_rootfs() -> anyhow::Result<()> {
+    let new_root = std::path::Path::new(NEW_ROOT);
+    match std::fs::create_dir(new_root) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(e).with_context(|| format!("creating {NEW_ROOT}"))
+        }
+        _ => {}
+    }
+    mount(Some("/"), new_root, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("bind-mounting / on {NEW_ROOT}"))?;
+    nix::unistd::chdir(new_root).with_context(|| format!("chdir {NEW_ROOT}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the bind of / over /")?;
+    nix::unistd::chroot(".").context("chroot into the bind of /")?;
+    // The bind shows rootfs's files, this empty directory among them; nothing is on it now.
+    std::fs::remove_dir(new_root).with_context(|| format!("removing {NEW_ROOT}"))
+}
+
 fn bring_up() -> anyhow::Result<()> {
+    // Containers cannot be created without it (pivot_root fails with a named error), but
+    // the API still serves and says so.
+    if let Err(e) = leave_rootfs() {
+        eprintln!("nestbox-agent: still on the initramfs's rootfs, containers' pivot_root will fail: {e:#}");
+    }
     for (source, target, fstype, flags, data, required) in BASE_MOUNTS {
         let result = std::fs::create_dir_all(target).with_context(|| format!("creating {target}")).and_then(|()| {
             match mount(Some(source), target, Some(fstype), flags, data) {

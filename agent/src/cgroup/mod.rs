@@ -11,9 +11,16 @@
 //! The spec's `cgroupsPath` is a host path (containerd's pod hierarchy); inside the pod's
 //! own VM it means nothing, so it is not used.
 //!
+//! The device cgroup is an eBPF program attached to a cgroup v2 directory (`devices`). On a
+//! v1 host the container's cgroup also gets a directory in the cgroup2 hierarchy mounted
+//! beside the v1 ones (the "unified" entry, /sys/fs/cgroup/unified under systemd's hybrid
+//! layout) so the same program is attached and tested there.
+//!
 //! Here: the hierarchy, a container's cgroup, freezing, OOM counts and removal; the limits
-//! written from the spec are in `limits`, the statistics in `stats`.
+//! written from the spec are in `limits`, the device program in `devices`, the statistics
+//! in `stats`.
 
+mod devices;
 mod limits;
 mod stats;
 
@@ -35,6 +42,8 @@ pub enum CgroupError {
     FreezeTimeout { timeout: Duration, path: PathBuf },
     #[error("resource {0} cannot be set on this cgroup hierarchy")]
     Unsupported(String),
+    #[error("devices: {0}")]
+    Devices(String),
 }
 
 type Result<T> = std::result::Result<T, CgroupError>;
@@ -45,14 +54,19 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Cgr
 
 /// The v1 controllers the agent uses, each in its own hierarchy.
 const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
+/// On a v1 host, the name of the cgroup2 directory among a cgroup's v1 ones: where the
+/// device program is attached.
+const UNIFIED: &str = "unified";
 
 /// Where containers' cgroups are made.
 #[derive(Debug, Clone)]
 pub enum Hierarchy {
     /// cgroup v2: the parent of every container's cgroup.
     V2 { base: PathBuf },
-    /// cgroup v1: per controller, the parent directory in that controller's hierarchy.
-    V1 { bases: Vec<(&'static str, PathBuf)> },
+    /// cgroup v1: per controller, the parent directory in that controller's hierarchy (and
+    /// the cgroup2 one for the device program, [`UNIFIED`]); `private_cgroup2`: where the
+    /// agent mounted cgroup2 itself, in its own mount namespace, for want of one.
+    V1 { bases: Vec<(&'static str, PathBuf)>, private_cgroup2: Option<PathBuf> },
 }
 
 impl Hierarchy {
@@ -67,8 +81,10 @@ impl Hierarchy {
     }
 
     /// A host's: below the agent's own cgroup, in `nestbox-<pid>`, so that parallel
-    /// agents (tests) do not collide and the host's own limits still apply.
-    pub fn host() -> Result<Self> {
+    /// agents (tests) do not collide and the host's own limits still apply. With
+    /// `private_mounts` (the agent has a mount namespace of its own), a v1 host without a
+    /// cgroup2 mount gets one there, for the device program.
+    pub fn host(private_mounts: bool) -> Result<Self> {
         let mountinfo =
             fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading", Path::new("mountinfo")))?;
         let own = fs::read_to_string("/proc/self/cgroup").map_err(io_err("reading", Path::new("/proc/self/cgroup")))?;
@@ -84,13 +100,30 @@ impl Hierarchy {
             let own_path = own_cgroup(&own, Some(controller)).unwrap_or_default();
             bases.push((controller, mount.point.join(own_path.trim_start_matches('/')).join(&leaf)));
         }
+        let unified = mounts.iter().find(|m| m.fstype == "cgroup2");
         if !bases.is_empty() {
+            let (point, private_cgroup2) = match unified {
+                Some(mount) => (Some(mount.point.clone()), None),
+                None if private_mounts => match mount_private_cgroup2() {
+                    Ok(point) => (Some(point.clone()), Some(point)),
+                    Err(e) => {
+                        eprintln!("nestbox-agent: no cgroup2 for device programs: {e}");
+                        (None, None)
+                    }
+                },
+                None => (None, None),
+            };
+            // Last: the first directory is the one whose processes are listed.
+            if let Some(point) = point {
+                let own_path = own_cgroup(&own, None).unwrap_or_default();
+                bases.push((UNIFIED, point.join(own_path.trim_start_matches('/')).join(&leaf)));
+            }
             for (_, base) in &bases {
                 mkdir(base)?;
             }
-            return Ok(Hierarchy::V1 { bases });
+            return Ok(Hierarchy::V1 { bases, private_cgroup2 });
         }
-        let Some(mount) = mounts.iter().find(|m| m.fstype == "cgroup2") else {
+        let Some(mount) = unified else {
             return Err(CgroupError::NoHierarchy("neither cgroup v1 controllers nor cgroup2 are mounted".into()));
         };
         let own_path = own_cgroup(&own, None).unwrap_or_default();
@@ -105,7 +138,7 @@ impl Hierarchy {
     pub fn create(&self, id: &str) -> Result<Cgroup> {
         let cgroup = match self {
             Hierarchy::V2 { base } => Cgroup::V2(base.join(id)),
-            Hierarchy::V1 { bases } => Cgroup::V1(bases.iter().map(|(c, b)| (*c, b.join(id))).collect()),
+            Hierarchy::V1 { bases, .. } => Cgroup::V1(bases.iter().map(|(c, b)| (*c, b.join(id))).collect()),
         };
         for dir in cgroup.dirs() {
             if let Err(e) = mkdir(dir) {
@@ -122,13 +155,30 @@ impl Hierarchy {
             Hierarchy::V2 { base } => {
                 let _ = fs::remove_dir(base);
             }
-            Hierarchy::V1 { bases } => {
+            Hierarchy::V1 { bases, private_cgroup2 } => {
                 for (_, base) in bases {
                     let _ = fs::remove_dir(base);
+                }
+                if let Some(point) = private_cgroup2 {
+                    let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+                    let _ = fs::remove_dir(point);
                 }
             }
         }
     }
+}
+
+/// Mounts cgroup2 on a directory of the agent's own (in its own mount namespace).
+fn mount_private_cgroup2() -> Result<PathBuf> {
+    use nix::mount::MsFlags;
+    let point = std::env::temp_dir().join(format!("nestbox-agent-{}.cgroup2", std::process::id()));
+    mkdir(&point)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if let Err(e) = nix::mount::mount(Some("cgroup2"), &point, Some("cgroup2"), flags, None::<&str>) {
+        let _ = fs::remove_dir(&point);
+        return Err(io_err("mounting cgroup2 on", &point)(e.into()));
+    }
+    Ok(point)
 }
 
 struct Mount {

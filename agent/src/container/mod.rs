@@ -74,6 +74,8 @@ pub struct Container {
     /// Exec'd processes by exec id; `None` while one is being started.
     execs: Mutex<HashMap<String, Option<Arc<Process>>>>,
     _oom: Option<OomWatcher>,
+    /// The device program attached to the cgroup (freed with it), replaced on an update.
+    devices: Mutex<OwnedFd>,
     /// Storage mounted for this container (unmounted at removal).
     storages: Vec<PathBuf>,
 }
@@ -83,6 +85,7 @@ struct ReadyInit {
     launched: Launched,
     pidfd: OwnedFd,
     oom: Option<OomWatcher>,
+    devices: OwnedFd,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,6 +110,14 @@ fn mount_storages(storages: &[Storage]) -> Result<Vec<PathBuf>, AgentError> {
 fn unmount_storages(points: &[PathBuf]) {
     for point in points.iter().rev() {
         let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A bad rule is the request's fault; a program the kernel did not take is ours.
+fn devices_error(e: crate::cgroup::CgroupError) -> AgentError {
+    match e {
+        crate::cgroup::CgroupError::Devices(_) => invalid(format!("resources: {e}")),
+        e => AgentError::internal("setting up the device cgroup", e),
     }
 }
 
@@ -160,6 +171,7 @@ impl Container {
             paused: Mutex::new(false),
             execs: Mutex::new(HashMap::new()),
             _oom: init.oom,
+            devices: Mutex::new(init.devices),
             storages,
         })
     }
@@ -172,9 +184,13 @@ impl Container {
         cgroup: &Cgroup,
         enter: &[(BorrowedFd<'_>, i32)],
     ) -> Result<ReadyInit, AgentError> {
-        if let Some(resources) = request.spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        let resources = request.spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        if let Some(resources) = resources {
             cgroup.apply(resources).map_err(|e| invalid(format!("resources: {e}")))?;
         }
+        // Always: with no rules in the spec, runc's default devices only.
+        let rules = resources.and_then(|r| r.devices().as_deref()).unwrap_or_default();
+        let devices = cgroup.set_devices(rules, None).map_err(devices_error)?;
         // Watching starts before the process exists, so no OOM kill can be missed.
         let oom = crate::oom::watch(request.id, cgroup, env.oom.clone()).ok();
         let launched = launch::set_up(
@@ -199,7 +215,7 @@ impl Container {
             launch::kill_and_reap(&env.reaper, &launched.process);
             AgentError::internal("pidfd of the container's init", e)
         })?;
-        Ok(ReadyInit { launched, pidfd, oom })
+        Ok(ReadyInit { launched, pidfd, oom, devices })
     }
 
     /// The init process as a pidfd: its PID namespace is the pod's when this container
@@ -363,7 +379,13 @@ impl Container {
     pub fn update(&self, resources_json: &[u8]) -> Result<(), AgentError> {
         let resources: LinuxResources =
             serde_json::from_slice(resources_json).map_err(|e| invalid(format!("invalid OCI resources JSON: {e}")))?;
-        self.cgroup.apply(&resources).map_err(|e| invalid(format!("resources: {e}")))
+        self.cgroup.apply(&resources).map_err(|e| invalid(format!("resources: {e}")))?;
+        // containerd sends the whole resources again, devices included: replace the program.
+        if let Some(rules) = resources.devices() {
+            let mut devices = lock(&self.devices);
+            *devices = self.cgroup.set_devices(rules, Some(&devices)).map_err(devices_error)?;
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> CgroupStats {

@@ -224,23 +224,15 @@ fn make_node(path: &Path, kind: SFlag, major: u64, minor: u64, mode: u32, host_n
     }
 }
 
-/// pivot_root into `rootfs` and detach the old root. Where the current root is the
-/// initramfs's rootfs (a guest's agent runs from it) pivot_root is impossible (EINVAL):
-/// then the rootfs is moved over / and chroot'ed into, as `runc --no-pivot` does.
+/// pivot_root into `rootfs` and detach the old root. In a guest this works because the
+/// agent left the initramfs's rootfs at boot (see `init::leave_rootfs`); there is no
+/// chroot fallback: a chroot leaves the old root reachable.
 fn enter_root(rootfs: &Path) -> Result<()> {
     nix::unistd::chdir(rootfs).with_context(|| format!("chdir {}", rootfs.display()))?;
-    match nix::unistd::pivot_root(".", ".") {
-        Ok(()) => {
-            // The old root is now stacked on "."; it must not propagate its unmount.
-            mount_at(None, Path::new("."), None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
-            umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
-        }
-        Err(nix::errno::Errno::EINVAL) => {
-            mount_at(Some(rootfs), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
-            nix::unistd::chroot(".").context("chroot into the container's root")?;
-        }
-        Err(e) => return Err(e).with_context(|| format!("pivot_root into {}", rootfs.display())),
-    }
+    nix::unistd::pivot_root(".", ".").with_context(|| format!("pivot_root into {}", rootfs.display()))?;
+    // The old root is now stacked on "."; it must not propagate its unmount.
+    mount_at(None, Path::new("."), None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
+    umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
     nix::unistd::chdir("/").context("chdir /")?;
     Ok(())
 }
