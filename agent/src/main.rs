@@ -17,6 +17,7 @@
 mod cgroup;
 mod container;
 mod error;
+mod guest_work;
 mod host;
 mod host_hybrid;
 mod identity;
