@@ -9,7 +9,8 @@
 //! On a host, `nestbox-agent --listen unix:///path/agent.sock` serves the same API on a
 //! Unix socket as an ordinary process, so the API is tested without a VM.
 //!
-//! Layout: `rpc` is the API surface; `sandbox` the pod and its containers; `container`
+//! Layout: `rpc` is the API surface (`guest_work` counts what its calls cost at debug
+//! level); `sandbox` the pod and its containers; `container`
 //! turns OCI specs into isolated processes (with the re-executed `--container-helper`);
 //! `process` holds their standard I/O; `reaper` owns waitpid; `cgroup` and `oom` the
 //! limits and OOM events.
@@ -17,6 +18,7 @@
 mod cgroup;
 mod container;
 mod error;
+mod guest_work;
 mod host;
 mod host_hybrid;
 mod identity;

@@ -56,6 +56,24 @@ impl PodNamespaces {
         })
     }
 
+    /// Names the pod's UTS namespace `hostname` (none: left as it is), from a thread of its
+    /// own that enters it and ends, for namespaces made before the pod's name was known.
+    pub fn set_hostname(&self, hostname: &str) -> io::Result<()> {
+        if hostname.is_empty() {
+            return Ok(());
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(self.uts.as_fd(), nix::sched::CloneFlags::CLONE_NEWUTS)
+                    .map_err(|e| context("entering the pod's UTS namespace", e.into()))?;
+                nix::unistd::sethostname(hostname)
+                    .map_err(|e| context(&format!("setting the pod's hostname {hostname:?}"), e.into()))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the thread naming the pod panicked")))
+        })
+    }
+
     /// The pod's network namespace (the network calls configure it, see `network`).
     pub fn net(&self) -> BorrowedFd<'_> {
         self.net.as_fd()
@@ -102,4 +120,38 @@ fn loopback_up() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hostname of the UTS namespace `uts`, read from a thread that enters it.
+    fn hostname_in(uts: BorrowedFd<'_>) -> String {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(uts, nix::sched::CloneFlags::CLONE_NEWUTS).expect("setns");
+                nix::unistd::gethostname().expect("gethostname").to_string_lossy().into_owned()
+            })
+            .join()
+            .expect("thread")
+        })
+    }
+
+    #[test]
+    fn namespaces_made_ahead_are_named_later() {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: namespaces need root");
+            return;
+        }
+        let ours = nix::unistd::gethostname().expect("gethostname");
+        let made = PodNamespaces::create("").expect("namespaces");
+        assert_eq!(hostname_in(made.uts.as_fd()), ours.to_string_lossy(), "unnamed: the guest's name");
+        made.set_hostname("").expect("no name");
+        made.set_hostname("pod-a").expect("naming");
+        assert_eq!(hostname_in(made.uts.as_fd()), "pod-a");
+        // This thread's (and so the agent's) name is untouched.
+        assert_eq!(nix::unistd::gethostname().expect("gethostname"), ours);
+    }
 }

@@ -12,6 +12,7 @@ use nestbox_protocols::ttrpc::{self, TtrpcContext};
 use nestbox_protocols::types::{self, Empty};
 
 use crate::error::AgentError;
+use crate::guest_work;
 use crate::sandbox::Sandbox;
 
 /// The agent's version, answered by the Version call and printed at start.
@@ -23,11 +24,28 @@ pub struct AgentRpc {
     /// Tells whoever owns the server to stop it and end the agent (see `serve`).
     shutdown: Sender<()>,
     sandbox: Arc<Sandbox>,
+    /// Log what each container call costs the guest (`guest_work`; debug level only).
+    count_work: bool,
 }
 
 impl AgentRpc {
     pub fn new(init_daemon: bool, shutdown: Sender<()>, sandbox: Arc<Sandbox>) -> Self {
-        Self { init_daemon, shutdown, sandbox }
+        let count_work = guest_work::enabled(init_daemon);
+        Self { init_daemon, shutdown, sandbox, count_work }
+    }
+
+    /// Runs one container call, logging its guest work when counting is on. `id`: the
+    /// container (and exec) the call is about; a created container's mounts are counted too.
+    fn counted<T>(&self, call: &str, id: &str, f: impl FnOnce() -> ttrpc::Result<T>) -> ttrpc::Result<T> {
+        let probe = guest_work::begin(self.count_work);
+        let result = f();
+        if let Some(probe) = probe {
+            let new_container = (call == "CreateContainer" && result.is_ok())
+                .then(|| self.sandbox.container(id).ok()?.process("").ok().map(|p| p.pid))
+                .flatten();
+            probe.end(call, id, new_container, result.is_ok());
+        }
+        result
     }
 }
 
@@ -60,20 +78,22 @@ impl AgentService for AgentRpc {
         eprintln!("nestbox-agent: shutdown requested");
         // Only a request: the server's owner stops the server, which first lets this
         // answer go out, then ends the agent. A failed send means it is already doing so.
-        let _ = self.shutdown.send(());
-        Ok(Empty::new())
+        self.counted("Shutdown", "", || {
+            let _ = self.shutdown.send(());
+            Ok(Empty::new())
+        })
     }
 
     fn create_sandbox(&self, _ctx: &TtrpcContext, req: agent::CreateSandboxRequest) -> ttrpc::Result<Empty> {
-        empty(self.sandbox.create_sandbox(&req))
+        self.counted("CreateSandbox", "", || empty(self.sandbox.create_sandbox(&req)))
     }
 
     fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: agent::DestroySandboxRequest) -> ttrpc::Result<Empty> {
-        empty(self.sandbox.destroy_sandbox())
+        self.counted("DestroySandbox", "", || empty(self.sandbox.destroy_sandbox()))
     }
 
     fn create_container(&self, _ctx: &TtrpcContext, req: agent::CreateContainerRequest) -> ttrpc::Result<Empty> {
-        empty(self.sandbox.create_container(&req))
+        self.counted("CreateContainer", &req.container_id, || empty(self.sandbox.create_container(&req)))
     }
 
     fn start_container(
@@ -81,8 +101,10 @@ impl AgentService for AgentRpc {
         _ctx: &TtrpcContext,
         req: agent::StartContainerRequest,
     ) -> ttrpc::Result<agent::StartContainerResponse> {
-        let pid = self.sandbox.container(&req.container_id)?.start(&self.sandbox.env)?;
-        Ok(agent::StartContainerResponse { pid, ..Default::default() })
+        self.counted("StartContainer", &req.container_id, || {
+            let pid = self.sandbox.container(&req.container_id)?.start(&self.sandbox.env)?;
+            Ok(agent::StartContainerResponse { pid, ..Default::default() })
+        })
     }
 
     fn exec_process(
@@ -90,15 +112,19 @@ impl AgentService for AgentRpc {
         _ctx: &TtrpcContext,
         req: agent::ExecProcessRequest,
     ) -> ttrpc::Result<agent::ExecProcessResponse> {
-        let container = self.sandbox.container(&req.container_id)?;
-        let stdio = req.stdio.clone().unwrap_or_default();
-        let pid = container.exec(&self.sandbox.env, &req.exec_id, &req.oci_process_json, &stdio)?;
-        Ok(agent::ExecProcessResponse { pid, ..Default::default() })
+        self.counted("ExecProcess", &format!("{}/{}", req.container_id, req.exec_id), || {
+            let container = self.sandbox.container(&req.container_id)?;
+            let stdio = req.stdio.clone().unwrap_or_default();
+            let pid = container.exec(&self.sandbox.env, &req.exec_id, &req.oci_process_json, &stdio)?;
+            Ok(agent::ExecProcessResponse { pid, ..Default::default() })
+        })
     }
 
     fn signal_process(&self, _ctx: &TtrpcContext, req: agent::SignalProcessRequest) -> ttrpc::Result<Empty> {
-        let container = self.sandbox.container(&req.container_id)?;
-        empty(container.signal(&self.sandbox.env, &req.exec_id, req.signal, req.all))
+        self.counted("SignalProcess", &format!("{}/{}", req.container_id, req.exec_id), || {
+            let container = self.sandbox.container(&req.container_id)?;
+            empty(container.signal(&self.sandbox.env, &req.exec_id, req.signal, req.all))
+        })
     }
 
     fn wait_process(
@@ -106,18 +132,23 @@ impl AgentService for AgentRpc {
         _ctx: &TtrpcContext,
         req: agent::WaitProcessRequest,
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
-        let exit = self.sandbox.container(&req.container_id)?.wait(&req.exec_id)?;
-        let at = exit.at.duration_since(UNIX_EPOCH).unwrap_or_default();
-        Ok(agent::WaitProcessResponse {
-            exit_status: exit.status,
-            exited_at_unix_nanos: i64::try_from(at.as_nanos()).unwrap_or(i64::MAX),
-            ..Default::default()
+        // A long poll: its line holds the process's whole run (and whatever else overlapped).
+        self.counted("WaitProcess", &format!("{}/{}", req.container_id, req.exec_id), || {
+            let exit = self.sandbox.container(&req.container_id)?.wait(&req.exec_id)?;
+            let at = exit.at.duration_since(UNIX_EPOCH).unwrap_or_default();
+            Ok(agent::WaitProcessResponse {
+                exit_status: exit.status,
+                exited_at_unix_nanos: i64::try_from(at.as_nanos()).unwrap_or(i64::MAX),
+                ..Default::default()
+            })
         })
     }
 
     fn remove_container(&self, _ctx: &TtrpcContext, req: agent::RemoveContainerRequest) -> ttrpc::Result<Empty> {
         let timeout = (req.timeout_secs > 0).then(|| Duration::from_secs(req.timeout_secs.into()));
-        empty(self.sandbox.remove_container(&req.container_id, timeout))
+        self.counted("RemoveContainer", &req.container_id, || {
+            empty(self.sandbox.remove_container(&req.container_id, timeout))
+        })
     }
 
     fn update_container(&self, _ctx: &TtrpcContext, req: agent::UpdateContainerRequest) -> ttrpc::Result<Empty> {

@@ -30,6 +30,11 @@ pub struct Sandbox {
     id: Mutex<Option<String>>,
     /// The pod's network, IPC and UTS namespaces (CreateSandbox), dropped by DestroySandbox.
     namespaces: Mutex<Option<Arc<PodNamespaces>>>,
+    /// Made at boot (as the guest's init) for the first CreateSandbox to take: a template's
+    /// snapshot holds them, so a restored pod does not pay for new namespaces in its emulated
+    /// guest kernel (a new network namespace was most of CreateSandbox's 1.4 s of guest CPU
+    /// here, docs/guest-work.md).
+    prepared: Mutex<Option<PodNamespaces>>,
     /// The pod's PID namespace once a container made it. Locked for the whole create of a
     /// container that names it, so that two such creates make one namespace.
     pid_namespace: Mutex<Option<PodPidNamespace>>,
@@ -50,6 +55,10 @@ fn process_gone(holder: &PodPidNamespace) -> bool {
 
 impl Sandbox {
     pub fn new(env: Env, init_daemon: bool) -> Arc<Self> {
+        let prepared = init_daemon.then(|| PodNamespaces::create("")).and_then(|made| {
+            // Not fatal: CreateSandbox makes them then, and reports what fails.
+            made.map_err(|e| eprintln!("nestbox-agent: making the pod's namespaces ahead: {e}")).ok()
+        });
         Arc::new(Self {
             env,
             init_daemon,
@@ -57,6 +66,7 @@ impl Sandbox {
             storages: Mutex::new(Vec::new()),
             id: Mutex::new(None),
             namespaces: Mutex::new(None),
+            prepared: Mutex::new(prepared),
             pid_namespace: Mutex::new(None),
         })
     }
@@ -73,8 +83,12 @@ impl Sandbox {
         if req.sandbox_id.is_empty() {
             return Err(AgentError::InvalidArgument("sandbox_id is empty".into()));
         }
-        let namespaces =
-            PodNamespaces::create(&req.hostname).map_err(|e| AgentError::internal("making the pod's namespaces", e))?;
+        let prepared = lock(&self.prepared).take();
+        let namespaces = match prepared {
+            Some(namespaces) => namespaces.set_hostname(&req.hostname).map(|()| namespaces),
+            None => PodNamespaces::create(&req.hostname),
+        }
+        .map_err(|e| AgentError::internal("making the pod's namespaces", e))?;
         let mut mounted = Vec::new();
         for storage in &req.storages {
             let point = PathBuf::from(&storage.mount_point);

@@ -59,6 +59,11 @@ impl Agent {
 
     /// The agent run by `wrapper` (e.g. `ip netns exec NAME`), which ends by executing it.
     pub fn start_in(wrapper: &[&str]) -> Agent {
+        Agent::launch(wrapper, &[], ProcStdio::inherit())
+    }
+
+    /// The agent run by `wrapper`, with `env` added and its stderr (its log) to `stderr`.
+    pub fn launch(wrapper: &[&str], env: &[(&str, &str)], stderr: ProcStdio) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
         let mut command = match wrapper.split_first() {
@@ -71,8 +76,10 @@ impl Agent {
         };
         let mut child = command
             .arg(format!("--listen=unix://{}", socket.display()))
+            .envs(env.iter().copied())
             .stdin(ProcStdio::null())
             .stdout(ProcStdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("starting nestbox-agent");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));

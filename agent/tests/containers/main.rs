@@ -19,6 +19,7 @@ macro_rules! root_only {
 }
 
 mod bad_input;
+mod guest_work;
 mod harness;
 mod limits;
 mod network;

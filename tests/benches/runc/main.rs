@@ -4,6 +4,7 @@
 //!
 //!     cargo bench -p nestbox-tests --bench runc -- --out FILE.json [--runtimes runc,nestbox-warm,nestbox-cold]
 //!         [--quick] [--figures start,memory,exec,throughput,crisandbox,cri] [--binaries DIR]
+//!         [--figures many --many N,...] [--agent-log-level debug] [--vcpus N] [--shared-templates]
 //!
 //! containerd runs with its own root, state and sockets in a temporary folder and the CRI
 //! plugin on (CNI's bridge in the harness's own network namespace for the pods), with the busybox image built locally
@@ -24,8 +25,17 @@
 //! during the run changes nothing under test. FILE.json gets `{"results": {runtime: {...}}}`
 //! after each runtime, in the schema of docs/benchmarks-runc.json. A figure that fails is
 //! recorded under the runtime's `errors` and the others are still measured.
+//!
+//! `--figures many` (by hand, not among the default figures): N pods (`--many N`, default 4;
+//! a list runs each) started at once with ctr and then through CRI (many.rs;
+//! docs/guest-work.md). `--agent-log-level debug` makes the guests' agents log what each call
+//! costs them (the lines go into the runtime's results as `guest_work`); `--vcpus N` sizes the
+//! nestbox pods' VMs; `--shared-templates` keeps the warm-start templates in the tests' shared
+//! folder (target/nestbox-test-templates), so a second run restores rather than boots. containerd's log (with the shims' and guests' lines) is kept beside
+//! FILE.json as FILE.json.containerd.log.
 
 mod breakdown;
+mod many;
 mod measure;
 mod procfs;
 mod workload;
@@ -39,11 +49,19 @@ use std::time::Instant;
 
 const RUNTIMES: [&str; 4] = ["runc", "nestbox-warm", "nestbox-cold", "nestbox-host"];
 const ALL_FIGURES: &str = "start,memory,exec,throughput,crisandbox,cri";
+/// Figures measured only when asked for by name.
+const EXTRA_FIGURES: &str = "many";
 
 struct Args {
     runtimes: Vec<String>,
     figures: Vec<String>,
     quick: bool,
+    /// Pods started at once by the `many` figure, one run per number.
+    many: Vec<usize>,
+    /// nestbox's `agent.log_level` and `hypervisor.vcpus`, when given.
+    agent_log_level: Option<String>,
+    vcpus: Option<u8>,
+    shared_templates: bool,
     binaries: Option<PathBuf>,
     out: PathBuf,
 }
@@ -51,7 +69,8 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut runtimes, mut figures) = (RUNTIMES[..3].join(","), ALL_FIGURES.to_string());
-    let (mut quick, mut binaries, mut out) = (false, None, None);
+    let (mut quick, mut binaries, mut out, mut many) = (false, None, None, "4".to_string());
+    let (mut agent_log_level, mut vcpus, mut shared_templates) = (None, None, false);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
@@ -60,6 +79,10 @@ fn parse_args() -> Result<Args, String> {
             "--binaries" => binaries = Some(PathBuf::from(value()?)),
             "--out" => out = Some(PathBuf::from(value()?)),
             "--quick" => quick = true,
+            "--shared-templates" => shared_templates = true,
+            "--many" => many = value()?,
+            "--agent-log-level" => agent_log_level = Some(value()?),
+            "--vcpus" => vcpus = Some(value()?.parse().map_err(|e| format!("--vcpus: {e}"))?),
             "--bench" => {} // cargo bench passes it to every bench target
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -70,11 +93,16 @@ fn parse_args() -> Result<Args, String> {
         return Err(format!("unknown runtime {unknown}; known: {}", RUNTIMES.join(", ")));
     }
     let figures = split(&figures);
-    if let Some(unknown) = figures.iter().find(|f| !ALL_FIGURES.split(',').any(|k| k == f.as_str())) {
-        return Err(format!("unknown figure {unknown}; known: {ALL_FIGURES}"));
+    let known = |f: &String| ALL_FIGURES.split(',').chain(EXTRA_FIGURES.split(',')).any(|k| k == f.as_str());
+    if let Some(unknown) = figures.iter().find(|f| !known(f)) {
+        return Err(format!("unknown figure {unknown}; known: {ALL_FIGURES},{EXTRA_FIGURES}"));
     }
     let out = out.ok_or("--out FILE.json is needed")?;
-    Ok(Args { runtimes, figures, quick, binaries, out })
+    let many = split(&many)
+        .iter()
+        .map(|n| n.parse::<usize>().map_err(|e| format!("--many {n}: {e}")))
+        .collect::<Result<_, _>>()?;
+    Ok(Args { runtimes, figures, quick, many, agent_log_level, vcpus, shared_templates, binaries, out })
 }
 
 /// Runs one figure; a failure (an error, or a panic of the harness) is recorded under the
@@ -98,7 +126,7 @@ fn guarded<T>(bench: &mut Bench, label: &str, step: impl FnOnce(&mut Bench) -> O
 }
 
 /// The figures asked for, in the order that lets one pod serve exec and throughput.
-fn measure(bench: &mut Bench, figures: &[String]) {
+fn measure(bench: &mut Bench, figures: &[String], many: &[usize]) {
     let wants = |f: &str| figures.iter().any(|x| x == f);
     if wants("start") {
         guarded(bench, "start latency", |b| b.start_latency());
@@ -120,16 +148,23 @@ fn measure(bench: &mut Bench, figures: &[String]) {
     if wants("cri") {
         guarded(bench, "CRI pods", |b| b.cri_pods(true));
     }
+    if wants("many") {
+        for &n in many {
+            guarded(bench, &format!("{n} at once"), |b| b.many(n));
+        }
+    }
 }
 
 /// Points the shims at the run's copy of the guest image, warm start on or off.
-fn configure_nestbox(c: &Containerd, runtime: &str, binaries: &Option<PathBuf>) -> Result<(), String> {
-    let guest = binaries.as_ref().ok_or("nestbox runtimes need --binaries DIR")?.join("guest");
+fn configure_nestbox(c: &Containerd, runtime: &str, args: &Args) -> Result<(), String> {
+    let guest = args.binaries.as_ref().ok_or("nestbox runtimes need --binaries DIR")?.join("guest");
     let warm = runtime == "nestbox-warm";
+    let vcpus = args.vcpus.map(|n| format!("vcpus = {n}\n")).unwrap_or_default();
+    let log_level = args.agent_log_level.as_ref().map(|l| format!("log_level = {l:?}\n")).unwrap_or_default();
     c.write_nestbox_config_with(
         &format!("warm_start = {warm}\n"),
         &format!(
-            "kernel = \"{}\"\ninitramfs = \"{}\"\n[agent]\nboot_timeout_secs = 900\n",
+            "kernel = \"{}\"\ninitramfs = \"{}\"\n{vcpus}[agent]\nboot_timeout_secs = 900\n{log_level}",
             guest.join("vmlinux").display(),
             guest.join("initramfs.cpio").display()
         ),
@@ -142,25 +177,37 @@ fn run(args: &Args) -> Result<(), String> {
     let c = Containerd::start_with(
         "bench",
         "",
-        Options { cri: true, pod_network: true, binaries: args.binaries.clone(), ..Default::default() },
+        Options {
+            cri: true,
+            pod_network: true,
+            binaries: args.binaries.clone(),
+            shared_templates: args.shared_templates,
+        },
     );
     c.import_busybox();
     let mut results = Map::new();
     for runtime in &args.runtimes {
         if runtime.starts_with("nestbox") {
-            configure_nestbox(&c, runtime, &args.binaries)?;
+            configure_nestbox(&c, runtime, args)?;
         }
         log(&format!("=== {runtime}"));
         let started = Instant::now();
         let mut bench = Bench::new(&c, runtime, Plan::of(runtime, args.quick));
-        measure(&mut bench, &args.figures);
+        measure(&mut bench, &args.figures, &args.many);
         let mut result = std::mem::take(&mut bench.result);
         result.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
+        let log = c.log();
+        let work: Vec<&str> = log.lines().filter(|l| l.contains("nestbox-agent: guest work")).collect();
+        if !work.is_empty() {
+            result.insert("guest_work".into(), json!(work));
+        }
         results.insert(runtime.clone(), Value::Object(result));
         // Written after each runtime, so that an interrupted run keeps what it measured.
         let text = serde_json::to_string_pretty(&json!({ "results": results })).map_err(|e| e.to_string())?;
         std::fs::write(&args.out, text).map_err(|e| format!("writing {}: {e}", args.out.display()))?;
     }
+    let kept = PathBuf::from(format!("{}.containerd.log", args.out.display()));
+    std::fs::write(&kept, c.log()).map_err(|e| format!("writing {}: {e}", kept.display()))?;
     log("cleaning up: pods, containers, containerd, shims, VMMs, mounts, the temporary folder");
     Ok(())
 }

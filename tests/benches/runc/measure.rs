@@ -87,11 +87,11 @@ impl<'a> Bench<'a> {
         Bench { c, runtime, plan, result, deadline, seq: 0 }
     }
 
-    fn nestbox(&self) -> bool {
+    pub(crate) fn nestbox(&self) -> bool {
         self.runtime.starts_with("nestbox")
     }
 
-    fn containerd_runtime(&self) -> &'static str {
+    pub(crate) fn containerd_runtime(&self) -> &'static str {
         match self.runtime {
             "nestbox-host" => RUNTIME_HOST,
             _ if self.nestbox() => RUNTIME,

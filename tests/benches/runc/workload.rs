@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 /// The pods' namespaces, the same for every runtime: kubelet's defaults, a network and an
 /// IPC namespace of the pod (CNI's, in the harness's own network namespace: nestbox
 /// refuses the host's) and a PID namespace per container.
-fn bench_namespaces() -> api::NamespaceOption {
+pub(crate) fn bench_namespaces() -> api::NamespaceOption {
     namespaces(NamespaceMode::Pod, NamespaceMode::Pod, NamespaceMode::Container)
 }
 
@@ -116,7 +116,7 @@ impl Bench<'_> {
     }
 
     /// A warm pod must not pay for the template: make it first when no start made it.
-    fn make_template_first(&mut self) -> Outcome<()> {
+    pub(crate) fn make_template_first(&mut self) -> Outcome<()> {
         let made = std::fs::read_dir(&self.c.templates).map(|mut d| d.next().is_some()).unwrap_or(false);
         if self.runtime == "nestbox-warm" && !made {
             log(&format!("{}: making the template (one start, not counted)", self.runtime));
