@@ -51,8 +51,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::{Vmm, VmmSpec};
 
-/// A restored guest's agent answers within a second even on a software-nested host; a
-/// restore that takes this long is treated as failed and the pod boots cold.
+/// The least a restored guest's agent is given to answer. Alone it answers within a second
+/// even on a software-nested host, but many pods restored at once share the host's cores
+/// (their guest kernels run in KVM's emulator there): 50 at once on 2 cores did not answer
+/// within 60 s, and every one then booted cold, which costs a guest ~60 times the CPU of a
+/// restore (docs/guest-work.md). So a restore whose VMM still runs is given as long as a cold
+/// boot would be (`agent.boot_timeout_secs`), and at least this; a restore the VMM refuses,
+/// or whose guest dies, still falls back at once.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The caller's handler for an unexpected VMM exit, shared by a failed restore attempt
@@ -153,7 +158,7 @@ impl Sandbox {
             match template::prepare(config, size, false) {
                 Ok(template) => {
                     let spec = VmmSpec { net_tap_fd, ..VmmSpec::restore(config, size, &paths, &template) };
-                    let timeout = RESTORE_TIMEOUT;
+                    let timeout = config.boot_timeout.max(RESTORE_TIMEOUT);
                     match Sandbox::start(config, id, &spec, paths.clone(), timeout, guest_network, on_vmm_exit.clone())
                     {
                         Ok(sandbox) => return Ok(sandbox),

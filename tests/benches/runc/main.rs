@@ -27,8 +27,8 @@
 //! recorded under the runtime's `errors` and the others are still measured.
 //!
 //! `--figures many` (by hand, not among the default figures): N pods (`--many N`, default 4;
-//! a list runs each) started at once with ctr and then through CRI (many.rs;
-//! docs/guest-work.md). `--agent-log-level debug` makes the guests' agents log what each call
+//! a list runs each) started at once with ctr and then through CRI (`many-ctr`: with ctr
+//! only; many.rs, docs/guest-work.md). `--agent-log-level debug` makes the guests' agents log what each call
 //! costs them (the lines go into the runtime's results as `guest_work`); `--vcpus N` sizes the
 //! nestbox pods' VMs; `--shared-templates` keeps the warm-start templates in the tests' shared
 //! folder (target/nestbox-test-templates), so a second run restores rather than boots. containerd's log (with the shims' and guests' lines) is kept beside
@@ -50,7 +50,7 @@ use std::time::Instant;
 const RUNTIMES: [&str; 4] = ["runc", "nestbox-warm", "nestbox-cold", "nestbox-host"];
 const ALL_FIGURES: &str = "start,memory,exec,throughput,crisandbox,cri";
 /// Figures measured only when asked for by name.
-const EXTRA_FIGURES: &str = "many";
+const EXTRA_FIGURES: &str = "many,many-ctr";
 
 struct Args {
     runtimes: Vec<String>,
@@ -148,9 +148,9 @@ fn measure(bench: &mut Bench, figures: &[String], many: &[usize]) {
     if wants("cri") {
         guarded(bench, "CRI pods", |b| b.cri_pods(true));
     }
-    if wants("many") {
+    if wants("many") || wants("many-ctr") {
         for &n in many {
-            guarded(bench, &format!("{n} at once"), |b| b.many(n));
+            guarded(bench, &format!("{n} at once"), |b| b.many(n, wants("many")));
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Many pods at once (`--figures many --many N`; by hand, not in scripts/bench's default
 //! figures): N pods started together with `ctr run -d`, then N pods together through CRI
+//! (`many-ctr`: the ctr half alone)
 //! (RunPodSandbox, CreateContainer, StartContainer until the workload's first output is in its
 //! log). Every start is timed from its own request; all must succeed, and the failures are
 //! listed. For nestbox, where the time goes: each pod's start phases from the shim's log lines,
@@ -100,10 +101,14 @@ fn phase_means(breakdowns: &[Value]) -> Value {
 }
 
 impl Bench<'_> {
-    pub fn many(&mut self, n: usize) -> Outcome<()> {
+    /// N pods at once with ctr, then (`cri`) N through CRI.
+    pub fn many(&mut self, n: usize, cri: bool) -> Outcome<()> {
         self.make_template_first()?;
         let ctr = self.many_ctr(n);
         self.remove_all();
+        if !cri {
+            return ctr;
+        }
         let cri = self.many_cri(n);
         ctr.and(cri)
     }
