@@ -32,7 +32,7 @@
 
 use nestbox_tests::containerd::{mounts_under, Containerd, Options, BUSYBOX};
 use nestbox_tests::cri::{api, api::ContainerState, api::NamespaceMode, container_config, namespaces, pod_config};
-use nestbox_tests::procmem::{largest_mapping_rss_kib, rss_kib};
+use nestbox_tests::procmem::{largest_mapping_kib, rss_kib};
 use nestbox_tests::{binary, guest_binary, host_kernel_release, GUEST_DEADLINE};
 use std::collections::HashMap;
 use std::path::Path;
@@ -217,7 +217,7 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
 fn check_host_cost(c: &Containerd) {
     let (shims, vmms) = (c.shim_pids(), c.vmm_pids());
     assert_eq!((shims.len(), vmms.len()), (1, 1), "one shim and one VMM for the pod");
-    let (shim, vmm, guest) = (rss_kib(shims[0]), rss_kib(vmms[0]), largest_mapping_rss_kib(vmms[0]));
+    let (shim, vmm, guest) = (rss_kib(shims[0]), rss_kib(vmms[0]), largest_mapping_kib(vmms[0], "Rss:"));
     let out = Command::new(binary("nestbox-shim", "nestbox"))
         .arg("config")
         .env("NESTBOX_CONFIG", &c.nestbox_config)

@@ -3,10 +3,9 @@
 //! inside a container, and CRI pods (sandbox alone, and with a workload container).
 
 use crate::breakdown::{breakdown, lines_about, EXEC_PHASES, START_PHASES};
-use crate::procfs::{
-    clock_ticks_per_second, cpu_ticks, descendants, largest_mapping_pss_kib, mem_available_kib, pss_kib, summary,
-};
+use crate::procfs::{clock_ticks_per_second, cpu_ticks, descendants, mem_available_kib, pss_kib, summary};
 use nestbox_tests::containerd::{Containerd, BUSYBOX, RUNC, RUNTIME, RUNTIME_HOST};
+use nestbox_tests::procmem::largest_mapping_kib;
 use serde_json::{json, Map, Value};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -220,7 +219,7 @@ impl<'a> Bench<'a> {
         let (shims, vmms, containers) = self.pod_processes(cids)?;
         let sum = |pids: &[i32], f: fn(i32) -> u64| pids.iter().map(|p| f(*p)).sum::<u64>();
         let (shim, vmm, work) = (sum(&shims, pss_kib), sum(&vmms, pss_kib), sum(&containers, pss_kib));
-        let guest = sum(&vmms, largest_mapping_pss_kib);
+        let guest = sum(&vmms, |pid| largest_mapping_kib(pid, "Pss:"));
         let all: Vec<i32> = shims.iter().chain(&vmms).chain(&containers).copied().collect();
         let before: Vec<u64> = all.iter().map(|p| cpu_ticks(*p)).collect();
         let idle = Duration::from_secs(10);

@@ -1,6 +1,7 @@
 //! What /proc says about the pods' processes (memory, CPU), and the statistics the report
 //! shows.
 
+use nestbox_tests::procmem::kib_field;
 use serde_json::{json, Value};
 use std::fs;
 
@@ -8,29 +9,9 @@ fn read(path: &str) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
 
-/// A `Name:   N kB` field of a /proc file, in KiB.
-fn kib_field(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().strip_suffix("kB")?.trim().parse().ok())
-}
-
 /// Proportional set size of a process (shared pages split among their users), KiB.
 pub fn pss_kib(pid: i32) -> u64 {
     kib_field(&read(&format!("/proc/{pid}/smaps_rollup")), "Pss:").unwrap_or(0)
-}
-
-/// PSS of the process's largest mapping: in a VMM, the guest's memory.
-pub fn largest_mapping_pss_kib(pid: i32) -> u64 {
-    let (mut best_size, mut best_pss, mut size) = (0, 0, 0);
-    for line in read(&format!("/proc/{pid}/smaps")).lines() {
-        if let Some(v) = kib_field(line, "Size:") {
-            size = v;
-        } else if let Some(pss) = kib_field(line, "Pss:") {
-            if size > best_size {
-                (best_size, best_pss) = (size, pss);
-            }
-        }
-    }
-    best_pss
 }
 
 /// User plus system CPU time of a process, in clock ticks.
