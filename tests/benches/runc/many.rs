@@ -126,6 +126,27 @@ impl Bench<'_> {
                "major_faults": col(&|w| w.2 as f64)})
     }
 
+    /// For nestbox: the VMMs' work, and the phases of each pod that started (`started`: its
+    /// id, start seconds and wall-clock start) up to phase `last`, from containerd's log since
+    /// `offset`, with their means.
+    fn add_nestbox_work<'a>(
+        &self,
+        m: &mut Map<String, Value>,
+        offset: u64,
+        last: &'static str,
+        started: impl Iterator<Item = (&'a str, f64, f64)>,
+    ) {
+        if !self.nestbox() {
+            return;
+        }
+        m.insert("vmm".into(), self.vmm_work());
+        let lines = self.c.log_since(offset);
+        let phases = phases_until_started(last);
+        let breakdowns: Vec<Value> = started.map(|(id, s, wall)| breakdown(&lines, &phases, id, "", wall, s)).collect();
+        m.insert("phase_means".into(), phase_means(&breakdowns));
+        m.insert("phases".into(), Value::Array(breakdowns));
+    }
+
     fn many_ctr(&mut self, n: usize) -> Outcome<()> {
         let names: Vec<String> = (0..n).map(|_| self.name("many")).collect();
         let (socket, namespace, runtime, deadline) =
@@ -146,18 +167,9 @@ impl Bench<'_> {
         let window = started.elapsed().as_secs_f64();
         let cpu_after = host_ticks();
         let mut m = outcome(&names, &results, window, (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1));
-        if self.nestbox() {
-            m.insert("vmm".into(), self.vmm_work());
-            let lines = self.c.log_since(offset);
-            let phases = phases_until_started("start reported, ctr exit");
-            let breakdowns: Vec<Value> = names
-                .iter()
-                .zip(&results)
-                .filter_map(|(cid, r)| r.as_ref().ok().map(|(s, wall)| breakdown(&lines, &phases, cid, "", *wall, *s)))
-                .collect();
-            m.insert("phase_means".into(), phase_means(&breakdowns));
-            m.insert("phases".into(), Value::Array(breakdowns));
-        }
+        let started_ok =
+            names.iter().zip(&results).filter_map(|(cid, r)| r.as_ref().ok().map(|(s, w)| (cid.as_str(), *s, *w)));
+        self.add_nestbox_work(&mut m, offset, "start reported, ctr exit", started_ok);
         self.report(&format!("many_ctr_{n}"), m)?;
         let removed = all_at_once(&names, |cid| self.remove_container(cid));
         log(&format!("{}: removed {} pods", self.runtime, removed.len()));
@@ -181,17 +193,8 @@ impl Bench<'_> {
         let times: Vec<Result<(f64, f64), String>> =
             results.iter().map(|r| r.as_ref().map(|(s, w, _)| (*s, *w)).map_err(Clone::clone)).collect();
         let mut m = outcome(&names, &times, window, (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1));
-        if self.nestbox() {
-            m.insert("vmm".into(), self.vmm_work());
-            let lines = self.c.log_since(offset);
-            let phases = phases_until_started("the workload container: create, start, first output");
-            let breakdowns: Vec<Value> = results
-                .iter()
-                .filter_map(|r| r.as_ref().ok().map(|(s, wall, pod)| breakdown(&lines, &phases, pod, "", *wall, *s)))
-                .collect();
-            m.insert("phase_means".into(), phase_means(&breakdowns));
-            m.insert("phases".into(), Value::Array(breakdowns));
-        }
+        let started_ok = results.iter().filter_map(|r| r.as_ref().ok().map(|(s, w, pod)| (pod.as_str(), *s, *w)));
+        self.add_nestbox_work(&mut m, offset, "the workload container: create, start, first output", started_ok);
         let reported = self.report(&format!("many_cri_{n}"), m);
         let pods: Vec<String> = results.into_iter().filter_map(|r| r.ok().map(|(_, _, pod)| pod)).collect();
         let torn: Vec<Result<(), String>> = all_at_once(&pods, |pod| {
