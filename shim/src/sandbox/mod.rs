@@ -367,7 +367,7 @@ pub fn cleanup_after_shim(config: &Config, sandbox_id: &str, container_id: &str)
             log::warn!("sandbox {sandbox_id}: killed a VMM left by a shim that is gone");
         }
         // The jailed VMM's cgroup, which its supervisor (gone with the shim) did not remove.
-        jail::JailSpec::new(&config.cgroup_parent, sandbox_id, 1, None).remove_cgroup();
+        vmm::jail_spec(config, &paths, 1).remove_cgroup();
         if let Ok(record) = std::fs::read_to_string(&paths.network) {
             match network::remove_stale(&record) {
                 Ok(()) => log::info!("sandbox {sandbox_id}: removed what its pod network left"),

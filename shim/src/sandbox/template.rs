@@ -171,8 +171,7 @@ fn make(config: &Config, size: VmSize, inputs: &TemplateInputs, dir: &Path) -> R
     // Left by a maker that died (the lock is free, so it is not running): its directory and
     // its jailed VMM's cgroup (empty: that VMM died with its shim).
     remove_dir(&work.dir).map_err(|e| TemplateError::Boot(Box::new(e.into())))?;
-    let name = work.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    super::jail::JailSpec::new(&config.cgroup_parent, &name, size.vcpus, None).remove_cgroup();
+    super::vmm::jail_spec(config, &work, size.vcpus).remove_cgroup();
     std::fs::create_dir_all(&work.shared).map_err(dir_error(&work.shared))?;
     let result = boot_and_snapshot(config, size, &work, inputs, dir);
     let _ = remove_dir(&work.dir);

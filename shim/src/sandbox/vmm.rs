@@ -59,6 +59,13 @@ pub struct VmmSpec {
     pub jail: Option<JailSpec>,
 }
 
+/// The jail of the VMM of the sandbox (or template VM) in `paths`: its cgroup is named after
+/// the sandbox's directory, which is named after the sandbox (a template's after its key).
+pub fn jail_spec(config: &Config, paths: &SandboxPaths, vcpus: u8) -> JailSpec {
+    let name = paths.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    JailSpec::new(&config.cgroup_parent, &name, vcpus, config.oom_score_adj)
+}
+
 impl VmmSpec {
     /// A VM of `size` booted from the configured kernel, with the files of `paths`.
     pub fn boot(config: &Config, size: VmSize, paths: &SandboxPaths) -> VmmSpec {
@@ -81,11 +88,7 @@ impl VmmSpec {
             restore: None,
             net_mac: Some(GUEST_NET_MAC.to_string()),
             net_tap_fd: None,
-            jail: config.jail.then(|| {
-                // The sandbox's directory is named after it (a template's after its key).
-                let name = paths.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                JailSpec::new(&config.cgroup_parent, &name, size.vcpus, config.oom_score_adj)
-            }),
+            jail: config.jail.then(|| jail_spec(config, paths, size.vcpus)),
         }
     }
 
