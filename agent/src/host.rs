@@ -89,6 +89,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         cgroups: crate::cgroup::Hierarchy::host(private).map_err(|e| e.to_string()),
         oom: Default::default(),
         share: options.share.clone(),
+        // The host's kernel saves every register its tasks use.
+        glibc_avx_off: false,
     };
     if let Err(e) = &env.cgroups {
         eprintln!("nestbox-agent: containers cannot be created: {e}");

@@ -84,6 +84,7 @@ fn serve(cmdline: &str, reaper: std::sync::Arc<crate::reaper::Reaper>) -> anyhow
         cgroups,
         oom: Default::default(),
         share: None,
+        glibc_avx_off: crate::container::avx_quirk::ymm_unsaved(cmdline),
     };
     let sandbox = crate::sandbox::Sandbox::new(env, true);
     let forward_port = nestbox_protocols::PORT_FORWARD_PORT;

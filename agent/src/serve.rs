@@ -154,6 +154,7 @@ mod tests {
             cgroups: Err("none in this test".into()),
             oom: Default::default(),
             share: None,
+            glibc_avx_off: false,
         };
         Sandbox::new(env, false)
     }

@@ -12,7 +12,8 @@
 //! musl (the agent) uses no AVX.
 //!
 //! Where exactly that holds (the CPU says AVX state is enabled, and the kernel was booted
-//! with `noxsave`), the helper adds glibc's own switch, `GLIBC_TUNABLES` with these
+//! with `noxsave`; decided once when the agent starts, from the command line it has read),
+//! the helper adds glibc's own switch, `GLIBC_TUNABLES` with these
 //! features turned off, to the container process's environment: glibc then uses its SSE
 //! functions, whose registers the kernel does save. Static glibc binaries read it too.
 //! Hardware KVM boots without `noxsave`, so nothing changes there. A `GLIBC_TUNABLES` the

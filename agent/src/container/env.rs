@@ -19,4 +19,7 @@ pub struct Env {
     /// Host mode standing in for a VM: the directory that CreateSandbox's virtio-fs
     /// storage binds instead of mounting the tag.
     pub share: Option<std::path::PathBuf>,
+    /// The guest leaves the AVX registers unsaved, so container programs get glibc's AVX
+    /// functions turned off (`avx_quirk`); decided once, at the agent's start.
+    pub glibc_avx_off: bool,
 }

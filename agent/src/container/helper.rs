@@ -47,8 +47,6 @@ fn run(control: &mut File) -> Result<std::convert::Infallible> {
     let config: HelperConfig =
         spawn::recv(control).context("reading the configuration")?.ok_or_else(|| anyhow!("agent went away"))?;
     let spec: Spec = serde_json::from_str(&config.spec_json).context("parsing the spec")?;
-    // Before the container's mounts hide the guest's /proc.
-    let avx_off = avx_quirk::ymm_unsaved(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let process: Process = match &config.process_json {
         Some(json) => serde_json::from_str(json).context("parsing the process")?,
         None => spec.process().clone().ok_or_else(|| anyhow!("the spec has no process"))?,
@@ -67,7 +65,7 @@ fn run(control: &mut File) -> Result<std::convert::Infallible> {
         set_rlimit(rlimit)?;
     }
     drop_privileges(process, filter.as_deref(), no_new_privs)?;
-    let program = Program::find(process, avx_off)?;
+    let program = Program::find(process, config.glibc_avx_off)?;
 
     spawn::send(control, &Report::Ready).context("reporting ready")?;
     let mut start = [0u8; 1];

@@ -81,6 +81,7 @@ pub fn set_up(env: &Env, cgroup: &Cgroup, spec: LaunchSpec<'_>) -> Result<Launch
         mode: spec.mode,
         spec_json: spec.spec_json.to_string(),
         process_json: spec.process_json.map(str::to_string),
+        glibc_avx_off: env.glibc_avx_off,
     };
     if let Err(e) = spawn::send(&mut control, &config) {
         return Err(fail(helper_gone(&process, e)));

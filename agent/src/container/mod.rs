@@ -12,7 +12,7 @@
 //! created by `spawn` in the container's namespaces, set up by the re-executed helper
 //! (`helper`), registered with the reaper before it can exit.
 
-mod avx_quirk;
+pub mod avx_quirk;
 mod caps;
 mod env;
 pub mod helper;

@@ -56,6 +56,8 @@ pub struct HelperConfig {
     pub spec_json: String,
     /// For an exec: the process to run instead of the spec's.
     pub process_json: Option<String>,
+    /// Turn glibc's AVX functions off in the program's environment (`avx_quirk`).
+    pub glibc_avx_off: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
