@@ -28,20 +28,16 @@ pub struct PodPidNamespace {
 }
 
 impl PodNamespaces {
-    /// New network (with its loopback up), IPC and UTS namespaces, the UTS one named
-    /// `hostname` (none: the guest's own name). Made on a thread of their own, which enters
-    /// them and ends: the agent's other threads stay in the guest's namespaces.
-    pub fn create(hostname: &str) -> io::Result<PodNamespaces> {
+    /// New network (with its loopback up), IPC and UTS namespaces, the UTS one with the
+    /// guest's own name until [`PodNamespaces::set_hostname`]. Made on a thread of their own,
+    /// which enters them and ends: the agent's other threads stay in the guest's namespaces.
+    pub fn create() -> io::Result<PodNamespaces> {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let flags = libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
                 // SAFETY: unshare with flags only; it affects this thread alone.
                 if unsafe { libc::unshare(flags) } != 0 {
                     return Err(context("unsharing network, IPC and UTS namespaces", io::Error::last_os_error()));
-                }
-                if !hostname.is_empty() {
-                    nix::unistd::sethostname(hostname)
-                        .map_err(|e| context(&format!("setting the pod's hostname {hostname:?}"), e.into()))?;
                 }
                 loopback_up().map_err(|e| context("bringing up the pod's loopback interface", e))?;
                 let open = |kind: &str| {
@@ -57,7 +53,7 @@ impl PodNamespaces {
     }
 
     /// Names the pod's UTS namespace `hostname` (none: left as it is), from a thread of its
-    /// own that enters it and ends, for namespaces made before the pod's name was known.
+    /// own that enters it and ends (namespaces may be made before the pod's name is known).
     pub fn set_hostname(&self, hostname: &str) -> io::Result<()> {
         if hostname.is_empty() {
             return Ok(());
@@ -140,13 +136,9 @@ mod tests {
 
     #[test]
     fn namespaces_made_ahead_are_named_later() {
-        // SAFETY: geteuid has no arguments and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: namespaces need root");
-            return;
-        }
+        assert!(nix::unistd::geteuid().is_root(), "this test makes namespaces: run it as root");
         let ours = nix::unistd::gethostname().expect("gethostname");
-        let made = PodNamespaces::create("").expect("namespaces");
+        let made = PodNamespaces::create().expect("namespaces");
         assert_eq!(hostname_in(made.uts.as_fd()), ours.to_string_lossy(), "unnamed: the guest's name");
         made.set_hostname("").expect("no name");
         made.set_hostname("pod-a").expect("naming");

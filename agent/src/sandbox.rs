@@ -55,7 +55,7 @@ fn process_gone(holder: &PodPidNamespace) -> bool {
 
 impl Sandbox {
     pub fn new(env: Env, init_daemon: bool) -> Arc<Self> {
-        let prepared = init_daemon.then(|| PodNamespaces::create("")).and_then(|made| {
+        let prepared = init_daemon.then(PodNamespaces::create).and_then(|made| {
             // Not fatal: CreateSandbox makes them then, and reports what fails.
             made.map_err(|e| eprintln!("nestbox-agent: making the pod's namespaces ahead: {e}")).ok()
         });
@@ -84,11 +84,10 @@ impl Sandbox {
             return Err(AgentError::InvalidArgument("sandbox_id is empty".into()));
         }
         let prepared = lock(&self.prepared).take();
-        let namespaces = match prepared {
-            Some(namespaces) => namespaces.set_hostname(&req.hostname).map(|()| namespaces),
-            None => PodNamespaces::create(&req.hostname),
-        }
-        .map_err(|e| AgentError::internal("making the pod's namespaces", e))?;
+        let namespaces = prepared
+            .map_or_else(PodNamespaces::create, Ok)
+            .and_then(|namespaces| namespaces.set_hostname(&req.hostname).map(|()| namespaces))
+            .map_err(|e| AgentError::internal("making the pod's namespaces", e))?;
         let mut mounted = Vec::new();
         for storage in &req.storages {
             let point = PathBuf::from(&storage.mount_point);
