@@ -5,7 +5,8 @@
 //!
 //! Warm start is on (the default) with the test's own template directory, so the first pod
 //! makes the template (one guest boot, a minute or two here) and every later pod is
-//! restored from it in about a second. One test runs every check it can: `ctr run --rm`
+//! restored from it in about a second. One start slot host-wide (`runtime.concurrent_starts`),
+//! so the pods started together queue for it. One test runs every check it can: `ctr run --rm`
 //! with piped stdin, output and exit code and the guest's own kernel; two restored pods
 //! reading different random bytes and the host's time; a long-running container for exec
 //! (output, stderr, exit code, stdin, terminal), ps, pause/resume, metrics and kill with a
@@ -180,7 +181,11 @@ fn containers_run_in_their_own_vms() {
     let c = Arc::new(Containerd::start("run", ""));
     let kernel = c.dir.join("vmlinux");
     copy_kernel(&kernel);
-    c.write_nestbox_config(&format!("kernel = \"{}\"\n[agent]\nboot_timeout_secs = 900\n", kernel.display()));
+    // One start slot host-wide, so the pods started together below queue for it.
+    c.write_nestbox_config_with(
+        "concurrent_starts = 1\n",
+        &format!("kernel = \"{}\"\n[agent]\nboot_timeout_secs = 900\n", kernel.display()),
+    );
     c.import_busybox();
     let host_release = host_kernel_release();
 
@@ -293,6 +298,11 @@ fn containers_run_in_their_own_vms() {
     }
     assert!(!hostile.contains("made "), "the guest wrote into the share's directories: {rand2:?}");
     assert_eq!(log_count(&c, "VM restored"), 5, "every pod restored:\n{}", c.log_tail(60));
+    // Four pods started together with one start slot: they queued for it (the VM starts
+    // and container creates and starts), and every wait ended with the slot.
+    let waited = log_count_once_seen(&c, "start slots of the host are taken");
+    assert!(waited >= 1, "four starts at once and one slot, yet none waited:\n{}", c.log_tail(60));
+    assert_eq!(log_count(&c, "got start slot"), waited, "a wait for a start slot did not end");
     assert_eq!(log_count(&c, "VM booted"), 0, "no pod booted cold");
 
     // exec: output, stderr and exit code.

@@ -9,7 +9,7 @@ use crate::process::{Container, Process};
 use crate::rpc_status::{agent_error, internal, sandbox_error, spec_error, status, RpcResult};
 use crate::sandbox::mounts::{self, MountSpec};
 use crate::sandbox::network::PodNetwork;
-use crate::sandbox::{self, Sandbox, SandboxPaths};
+use crate::sandbox::{self, start_gate, Sandbox, SandboxPaths};
 use crate::spec;
 use containerd_shim::api::{CreateTaskRequest, CreateTaskResponse};
 use containerd_shim::protos::events::task::{TaskCreate, TaskIO};
@@ -208,10 +208,12 @@ impl Pod {
     ) -> RpcResult<()> {
         let id = req.id.as_str();
         let spec_json = spec::encode(spec).map_err(spec_error)?;
+        let slot = start_gate::enter(&self.config, &format!("container {id}: create"));
         sandbox
             .agent()
             .create_container(id, spec_json, init.stdio())
             .map_err(|e| agent_error(&format!("creating container {id} in the guest"), e))?;
+        drop(slot);
         if let Err(e) = self.attach_io(sandbox, init) {
             // The guest has the container: take it back out, or it outlives this failure.
             let _ = sandbox.agent().remove_container(id);

@@ -31,6 +31,7 @@ pub mod network;
 mod paths;
 pub mod port_forward;
 mod share;
+pub mod start_gate;
 pub mod template;
 pub mod vmm;
 
@@ -129,6 +130,9 @@ impl Sandbox {
         network: Option<PodNetwork>,
         on_vmm_exit: Box<dyn FnOnce(ExitStatus) + Send>,
     ) -> Result<Sandbox, SandboxError> {
+        // Until the agent has the sandbox: the guest's busiest part (making a template
+        // included), bounded host-wide.
+        let _slot = start_gate::enter(config, &format!("sandbox {id}: VM start"));
         if let Some(network) = &network {
             std::fs::write(&paths.network, network.record())
                 .map_err(|source| SandboxError::Dir { path: paths.network.clone(), source })?;

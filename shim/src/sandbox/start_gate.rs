@@ -1,0 +1,203 @@
+//! A host-wide bound on guest starts in flight: a VM start (restore or boot, until its
+//! agent has the sandbox) and each container's create and start in a guest take one of
+//! `runtime.concurrent_starts` slots, shared by every shim of the host.
+//!
+//! Why: a start is the guest's busiest moment, and on a host whose guest kernels run
+//! emulated (docs/guest-work.md) it needs about a core for seconds. Started all at once,
+//! 50 pods on 2 cores each got 4 % of a core, their agents missed the start bounds, and
+//! none started; a few at a time, they all start, and each in about the time it takes
+//! alone. Waiting for a slot counts against no bound (the restore and agent timeouts
+//! start after it).
+//!
+//! The slots are byte locks (open-file-description locks, F_OFD_SETLK) on one file beside
+//! the sandboxes directory: a holder that dies frees its slot with its descriptor, each
+//! acquisition opens its own description (so two containers of one shim contend like two
+//! shims do), and waiting is the kernel's (F_OFD_SETLKW), not a poll. A start that finds
+//! every slot taken waits on one of them, picked by its process and thread, so waiters
+//! spread over the slots; one may wait while another slot is free, for at most one start.
+
+use crate::config::Config;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The lock file's name, beside the sandboxes directory (whose entries are all pods).
+const SLOTS_FILE: &str = "start-slots.lock";
+
+/// A held slot: released when dropped (the description closes) or when the process dies.
+#[derive(Debug)]
+pub struct StartSlot {
+    _file: Option<File>,
+}
+
+/// Where the slots of `config` live: beside its sandboxes directory, so that shims with
+/// one configuration share them and a test's private configuration has its own.
+pub fn slots_path(config: &Config) -> PathBuf {
+    let parent = config.sandboxes_dir.parent().unwrap_or(Path::new("/"));
+    parent.join(SLOTS_FILE)
+}
+
+/// Takes a start slot for `what` (logged if it has to wait). A slot that cannot be had
+/// for another reason than being taken (the file cannot be opened or locked) lets the
+/// start go ahead with a warning: the bound protects starts, it must not fail them.
+pub fn enter(config: &Config, what: &str) -> StartSlot {
+    if config.concurrent_starts == 0 {
+        return StartSlot { _file: None };
+    }
+    match acquire(&slots_path(config), config.concurrent_starts, what) {
+        Ok(file) => StartSlot { _file: Some(file) },
+        Err(e) => {
+            log::warn!("{what}: going ahead without a start slot: {e}");
+            StartSlot { _file: None }
+        }
+    }
+}
+
+fn acquire(path: &Path, slots: u32, what: &str) -> std::io::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    for slot in 0..slots {
+        if lock_byte(&file, slot, false)? {
+            return Ok(file);
+        }
+    }
+    let slot = spread(slots);
+    log::info!("{what}: all {slots} start slots of the host are taken; waiting for slot {slot}");
+    let waiting = Instant::now();
+    lock_byte(&file, slot, true)?;
+    log::info!("{what}: got start slot {slot} after {:.3} s", waiting.elapsed().as_secs_f64());
+    Ok(file)
+}
+
+/// The slot a waiter waits on: its process and thread, spread over the slots.
+fn spread(slots: u32) -> u32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() } as u32;
+    (std::process::id().wrapping_mul(31).wrapping_add(tid)) % slots
+}
+
+/// Write-locks byte `slot` of `file` through its open file description: `Ok(false)` if
+/// another description holds it and `wait` is off.
+fn lock_byte(file: &File, slot: u32, wait: bool) -> std::io::Result<bool> {
+    // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = libc::off_t::from(slot);
+    lock.l_len = 1;
+    let command = if wait { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK };
+    loop {
+        // SAFETY: a valid descriptor and a pointer to a flock that outlives the call.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), command, &lock) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) | Some(libc::EACCES) if !wait => return Ok(false),
+            _ => return Err(std::io::Error::new(e.kind(), format!("locking start slot {slot}: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    fn config(dir: &Path, slots: u32) -> Config {
+        let text = format!("[runtime]\nsandboxes_dir = {:?}\nconcurrent_starts = {slots}\n", dir.join("sb"));
+        Config::parse(&text, None).expect("config")
+    }
+
+    /// Never more holders than slots, however many threads (each its own description,
+    /// as separate shims would be) want one at once; and everyone gets one in the end.
+    #[test]
+    fn at_most_the_configured_number_hold_a_slot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Arc::new(config(dir.path(), 2));
+        let (inside, most, done) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let barrier = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (config, inside, most, done, barrier) =
+                    (config.clone(), inside.clone(), most.clone(), done.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let _slot = enter(&config, &format!("start {i}"));
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(done.load(Ordering::SeqCst), 8);
+        assert_eq!(most.load(Ordering::SeqCst), 2, "two slots: two at once, no more, no fewer");
+        assert!(slots_path(&config).starts_with(dir.path()), "the slots are the configuration's");
+    }
+
+    /// A holder's slot is free again once it is dropped, or once its holder dies.
+    #[test]
+    fn a_slot_is_freed_by_drop_and_by_the_death_of_its_holder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path(), 1);
+        let first = enter(&config, "first");
+        let path = slots_path(&config);
+        let other = File::options().read(true).write(true).open(&path).expect("open");
+        assert!(!lock_byte(&other, 0, false).expect("try"), "the slot is held");
+        drop(first);
+        assert!(lock_byte(&other, 0, false).expect("try"), "dropped: free");
+        drop(other);
+        // A forked child inherits the holder's description (as a VMM spawned with it
+        // would): the slot stays held while the child lives, and is freed at its death.
+        let holder = enter(&config, "holder");
+        // SAFETY: fork in a test process; the child only pauses until it is killed
+        // (async-signal-safe calls only).
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: see above.
+            unsafe {
+                libc::pause();
+                libc::_exit(0)
+            }
+        }
+        assert!(child > 0, "fork: {}", std::io::Error::last_os_error());
+        drop(holder);
+        // The child still holds the description...
+        let probe = File::options().read(true).write(true).open(&path).expect("open");
+        assert!(!lock_byte(&probe, 0, false).expect("try"), "held through the child's copy");
+        // ...until the child dies.
+        // SAFETY: signalling and reaping our own child.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        assert!(lock_byte(&probe, 0, false).expect("try"), "the holder died: free");
+    }
+
+    #[test]
+    fn zero_slots_means_no_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path(), 0);
+        let slots: Vec<_> = (0..5).map(|i| enter(&config, &format!("{i}"))).collect();
+        assert!(slots.iter().all(|s| s._file.is_none()));
+        assert!(!slots_path(&config).exists(), "no lock file without a bound");
+    }
+}
