@@ -9,7 +9,8 @@ use crate::process::{Container, Process};
 use crate::rpc_status::{agent_error, internal, sandbox_error, spec_error, status, RpcResult};
 use crate::sandbox::mounts::{self, MountSpec};
 use crate::sandbox::network::PodNetwork;
-use crate::sandbox::{self, start_gate, Sandbox, SandboxPaths};
+use crate::sandbox::start_gate::{self, StartKind};
+use crate::sandbox::{self, Sandbox, SandboxPaths};
 use crate::spec;
 use containerd_shim::api::{CreateTaskRequest, CreateTaskResponse};
 use containerd_shim::protos::events::task::{TaskCreate, TaskIO};
@@ -208,7 +209,7 @@ impl Pod {
     ) -> RpcResult<()> {
         let id = req.id.as_str();
         let spec_json = spec::encode(spec).map_err(spec_error)?;
-        let slot = start_gate::enter(&self.config, &format!("container {id}: create"));
+        let slot = start_gate::enter(&self.config, StartKind::InRunningVm, &format!("container {id}: create"));
         sandbox
             .agent()
             .create_container(id, spec_json, init.stdio())

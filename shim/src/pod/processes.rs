@@ -8,7 +8,8 @@ use crate::io::{IoPaths, BOUND_WARNING};
 use crate::metrics::cgroup_v2_metrics;
 use crate::process::{ProcStatus, Process};
 use crate::rpc_status::{agent_error, internal, status, RpcResult};
-use crate::sandbox::{start_gate, Sandbox};
+use crate::sandbox::start_gate::{self, StartKind};
+use crate::sandbox::Sandbox;
 use containerd_shim::api::{
     DeleteRequest, DeleteResponse, ExecProcessRequest, KillRequest, PidsResponse, StartRequest, StartResponse,
     StateRequest, StateResponse, StatsResponse, Status, WaitResponse,
@@ -36,7 +37,7 @@ impl Pod {
             return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("{} was already started", p.name())));
         }
         let guest_pid = if p.is_init() {
-            let _slot = start_gate::enter(&self.config, &format!("{}: start", p.name()));
+            let _slot = start_gate::enter(&self.config, StartKind::InRunningVm, &format!("{}: start", p.name()));
             sandbox
                 .agent()
                 .start_container(&p.container_id)

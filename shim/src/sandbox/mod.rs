@@ -132,7 +132,7 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         // Until the agent has the sandbox: the guest's busiest part (making a template
         // included), bounded host-wide.
-        let _slot = start_gate::enter(config, &format!("sandbox {id}: VM start"));
+        let _slot = start_gate::enter(config, start_gate::StartKind::NewVm, &format!("sandbox {id}: VM start"));
         if let Some(network) = &network {
             std::fs::write(&paths.network, network.record())
                 .map_err(|source| SandboxError::Dir { path: paths.network.clone(), source })?;

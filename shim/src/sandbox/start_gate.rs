@@ -15,6 +15,13 @@
 //! shims do), and waiting is the kernel's (F_OFD_SETLKW), not a poll. A start that finds
 //! every slot taken waits on one of them, picked by its process and thread, so waiters
 //! spread over the slots; one may wait while another slot is free, for at most one start.
+//!
+//! Pods already running go first: a new VM's start first passes a turnstile (one more byte
+//! lock) that only one new VM at a time may hold while it waits for a slot, so the next
+//! steps of pods whose VM runs (their containers' creates and starts) compete with one new
+//! VM, not with every pod still queued. Pods then finish one after another instead of all
+//! near the end, and fewer restored guests sit waiting (an idle guest is not free where its
+//! kernel is emulated).
 
 use crate::config::Config;
 use std::fs::File;
@@ -25,6 +32,15 @@ use std::time::Instant;
 
 /// The lock file's name, beside the sandboxes directory (whose entries are all pods).
 const SLOTS_FILE: &str = "start-slots.lock";
+/// The new VMs' turnstile: a byte past every slot, whatever a shim's configuration says.
+const TURNSTILE: u32 = crate::config::MAX_CONCURRENT_STARTS;
+
+/// What takes a slot: a new VM's start, or a step in a pod whose VM runs (which goes first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartKind {
+    NewVm,
+    InRunningVm,
+}
 
 /// A held slot: released when dropped (the description closes) or when the process dies.
 #[derive(Debug)]
@@ -42,11 +58,11 @@ pub fn slots_path(config: &Config) -> PathBuf {
 /// Takes a start slot for `what` (logged if it has to wait). A slot that cannot be had
 /// for another reason than being taken (the file cannot be opened or locked) lets the
 /// start go ahead with a warning: the bound protects starts, it must not fail them.
-pub fn enter(config: &Config, what: &str) -> StartSlot {
+pub fn enter(config: &Config, kind: StartKind, what: &str) -> StartSlot {
     if config.concurrent_starts == 0 {
         return StartSlot { _file: None };
     }
-    match acquire(&slots_path(config), config.concurrent_starts, what) {
+    match acquire(&slots_path(config), config.concurrent_starts, kind, what) {
         Ok(file) => StartSlot { _file: Some(file) },
         Err(e) => {
             log::warn!("{what}: going ahead without a start slot: {e}");
@@ -55,7 +71,7 @@ pub fn enter(config: &Config, what: &str) -> StartSlot {
     }
 }
 
-fn acquire(path: &Path, slots: u32, what: &str) -> std::io::Result<File> {
+fn acquire(path: &Path, slots: u32, kind: StartKind, what: &str) -> std::io::Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -65,17 +81,30 @@ fn acquire(path: &Path, slots: u32, what: &str) -> std::io::Result<File> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    if kind == StartKind::NewVm && !lock_byte(&file, TURNSTILE, false)? {
+        log::info!("{what}: another new VM is waiting for a start slot; waiting behind it");
+        lock_byte(&file, TURNSTILE, true)?;
+    }
+    let slot = take_slot(&file, slots, what);
+    if kind == StartKind::NewVm {
+        unlock_byte(&file, TURNSTILE)?;
+    }
+    slot.map(|()| file)
+}
+
+/// Takes a free slot, or waits for one.
+fn take_slot(file: &File, slots: u32, what: &str) -> std::io::Result<()> {
     for slot in 0..slots {
-        if lock_byte(&file, slot, false)? {
-            return Ok(file);
+        if lock_byte(file, slot, false)? {
+            return Ok(());
         }
     }
     let slot = spread(slots);
     log::info!("{what}: all {slots} start slots of the host are taken; waiting for slot {slot}");
     let waiting = Instant::now();
-    lock_byte(&file, slot, true)?;
+    lock_byte(file, slot, true)?;
     log::info!("{what}: got start slot {slot} after {:.3} s", waiting.elapsed().as_secs_f64());
-    Ok(file)
+    Ok(())
 }
 
 /// The slot a waiter waits on: its process and thread, spread over the slots.
@@ -88,9 +117,18 @@ fn spread(slots: u32) -> u32 {
 /// Write-locks byte `slot` of `file` through its open file description: `Ok(false)` if
 /// another description holds it and `wait` is off.
 fn lock_byte(file: &File, slot: u32, wait: bool) -> std::io::Result<bool> {
+    set_byte_lock(file, slot, libc::F_WRLCK, wait)
+}
+
+/// Releases byte `slot`'s lock held through `file`'s description.
+fn unlock_byte(file: &File, slot: u32) -> std::io::Result<()> {
+    set_byte_lock(file, slot, libc::F_UNLCK, false).map(|_| ())
+}
+
+fn set_byte_lock(file: &File, slot: u32, kind: libc::c_int, wait: bool) -> std::io::Result<bool> {
     // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_type = kind as libc::c_short;
     lock.l_whence = libc::SEEK_SET as libc::c_short;
     lock.l_start = libc::off_t::from(slot);
     lock.l_len = 1;
@@ -116,6 +154,20 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Barrier};
 
+    /// Whether another description holds byte `slot` (F_OFD_GETLK: asks, takes nothing).
+    fn held_elsewhere(file: &File, slot: u32) -> bool {
+        // SAFETY: as in set_byte_lock; F_OFD_GETLK only fills in `lock`.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = libc::off_t::from(slot);
+        lock.l_len = 1;
+        // SAFETY: a valid descriptor and a pointer to a flock that outlives the call.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+        assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+        lock.l_type != libc::F_UNLCK as libc::c_short
+    }
+
     fn config(dir: &Path, slots: u32) -> Config {
         let text = format!("[runtime]\nsandboxes_dir = {:?}\nconcurrent_starts = {slots}\n", dir.join("sb"));
         Config::parse(&text, None).expect("config")
@@ -136,7 +188,7 @@ mod tests {
                     (config.clone(), inside.clone(), most.clone(), done.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    let _slot = enter(&config, &format!("start {i}"));
+                    let _slot = enter(&config, StartKind::NewVm, &format!("start {i}"));
                     let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
                     std::thread::sleep(std::time::Duration::from_millis(30));
@@ -158,7 +210,7 @@ mod tests {
     fn a_slot_is_freed_by_drop_and_by_the_death_of_its_holder() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = config(dir.path(), 1);
-        let first = enter(&config, "first");
+        let first = enter(&config, StartKind::InRunningVm, "first");
         let path = slots_path(&config);
         let other = File::options().read(true).write(true).open(&path).expect("open");
         assert!(!lock_byte(&other, 0, false).expect("try"), "the slot is held");
@@ -167,7 +219,7 @@ mod tests {
         drop(other);
         // A forked child inherits the holder's description (as a VMM spawned with it
         // would): the slot stays held while the child lives, and is freed at its death.
-        let holder = enter(&config, "holder");
+        let holder = enter(&config, StartKind::NewVm, "holder");
         // SAFETY: fork in a test process; the child only pauses until it is killed
         // (async-signal-safe calls only).
         let child = unsafe { libc::fork() };
@@ -192,11 +244,54 @@ mod tests {
         assert!(lock_byte(&probe, 0, false).expect("try"), "the holder died: free");
     }
 
+    /// A new VM waits behind the one new VM already waiting for a slot (at the turnstile),
+    /// while a step in a running VM competes for the slot at once: with one slot held, new
+    /// VMs B then C and a running pod's step D queued, C never gets the slot before B.
+    #[test]
+    fn new_vms_queue_at_the_turnstile_and_running_pods_do_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Arc::new(config(dir.path(), 1));
+        let held = enter(&config, StartKind::InRunningVm, "a");
+        let path = slots_path(&config);
+        let probe = File::options().read(true).write(true).open(&path).expect("open");
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let start = |name: &'static str, kind: StartKind| {
+            let (config, order) = (config.clone(), order.clone());
+            std::thread::spawn(move || {
+                let _slot = enter(&config, kind, name);
+                order.lock().expect("order").push(name);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            })
+        };
+        let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !done() {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let b = start("b", StartKind::NewVm);
+        wait_until("b holds the turnstile", &|| held_elsewhere(&probe, TURNSTILE));
+        let c = start("c", StartKind::NewVm);
+        let d = start("d", StartKind::InRunningVm);
+        // Let c reach the turnstile and d the slot before the slot frees.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(held);
+        for t in [b, c, d] {
+            t.join().expect("thread");
+        }
+        let order = order.lock().expect("order").clone();
+        assert_eq!(order.len(), 3, "{order:?}");
+        let at = |n: &str| order.iter().position(|o| *o == n).expect("ran");
+        assert!(at("b") < at("c"), "a new VM overtook the one waiting before it: {order:?}");
+        assert!(!held_elsewhere(&probe, TURNSTILE), "the turnstile is free again");
+    }
+
     #[test]
     fn zero_slots_means_no_bound() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = config(dir.path(), 0);
-        let slots: Vec<_> = (0..5).map(|i| enter(&config, &format!("{i}"))).collect();
+        let slots: Vec<_> = (0..5).map(|i| enter(&config, StartKind::NewVm, &format!("{i}"))).collect();
         assert!(slots.iter().all(|s| s._file.is_none()));
         assert!(!slots_path(&config).exists(), "no lock file without a bound");
     }
