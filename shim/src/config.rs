@@ -243,12 +243,7 @@ impl Config {
             warm_start: file.runtime.warm_start.unwrap_or(true),
             templates_dir: absolute("runtime.templates_dir", file.runtime.templates_dir)?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_TEMPLATES_DIR)),
-            concurrent_starts: match file.runtime.concurrent_starts {
-                Some(v) => u32::try_from(v).ok().filter(|v| *v <= MAX_CONCURRENT_STARTS).ok_or_else(|| {
-                    invalid("runtime.concurrent_starts", format!("{v} is not in 0..={MAX_CONCURRENT_STARTS}"))
-                })?,
-                None => u32::from(host_cpus()),
-            },
+            concurrent_starts: concurrent_starts(file.runtime.concurrent_starts)?,
         };
         if h.max_vcpus.is_none() {
             config.max_vcpus = host_cpus().max(config.vcpus);
@@ -377,6 +372,15 @@ fn memory(_key: &str, value: i64) -> Result<u64, String> {
 }
 
 /// The default `max_vcpus`: the host's CPUs (a VM with more would only contend with itself).
+/// `runtime.concurrent_starts`: 0 up to the most, the host's CPUs when absent.
+fn concurrent_starts(value: Option<i64>) -> Result<u32, ConfigError> {
+    let Some(v) = value else { return Ok(u32::from(host_cpus())) };
+    u32::try_from(v)
+        .ok()
+        .filter(|v| *v <= MAX_CONCURRENT_STARTS)
+        .ok_or_else(|| invalid("runtime.concurrent_starts", format!("{v} is not in 0..={MAX_CONCURRENT_STARTS}")))
+}
+
 fn host_cpus() -> u8 {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     u8::try_from(n).unwrap_or(MAX_VCPUS).clamp(DEFAULT_VCPUS, MAX_VCPUS)
