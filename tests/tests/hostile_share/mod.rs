@@ -124,7 +124,7 @@ impl Race {
         self.before.assert_unchanged("while the racer ran");
         assert_host_only_tree(&self.sandbox, containers);
         let setuid = assert_nosuid_nodev(&self.sandbox);
-        let own = out.stdout.lines().find_map(|l| l.strip_prefix("race: rounds=")?.split(" own=").nth(1));
+        let own = out.stdout.lines().find_map(|l| l.strip_prefix("race: steps=")?.split(" own=").nth(1));
         let own = own.unwrap_or_else(|| panic!("the racer's own container: {out:?}")).trim();
         let planted = format!("/{own}/rootfs/racer-suid");
         assert!(
