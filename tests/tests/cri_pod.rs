@@ -23,6 +23,17 @@
 //!   sandbox directory, no VMM, no shim, no mount (the pod's network namespace included);
 //! - nestbox: what the running pod costs the host beside its guest's memory (the shim and
 //!   the VMM's own memory) fits in the RuntimeClass overhead `nestbox config` prints;
+//! - nestbox: the hostile guest (`hostile_share/`, issue 15): `one` gets CAP_SYS_ADMIN (no
+//!   more: no privileged pod) and runs `share-racer`, which mounts the pod's virtio-fs share
+//!   a second time and, while the host creates `two` and `three` with their volumes, races
+//!   symlink swaps, renames and removals where the host creates and mounts, files, setuid
+//!   files, device nodes, hard links and capability/trusted xattrs; every attempt aimed at
+//!   the host-only tree must fail, while its own rootfs and the emptyDir take files, setuid
+//!   files and links (device nodes and those xattrs refused by the virtio-fs guard); `three`
+//!   sees its volumes as asked; the host then finds its canary directory (the racer's
+//!   symlink target), the tools volume and `/` unchanged, no new mount outside the sandbox
+//!   (again once the pod is gone), only the shim's own entries in the host-only tree, and
+//!   every setuid file or device node in the sandbox tree on a nosuid/nodev mount;
 //! - nestbox: a pod with resources (PodSandboxConfig.linux.resources) gets a VM sized as
 //!   Kata sizes it, the default plus the limits, seen in a container as CPUs and MemTotal.
 //!

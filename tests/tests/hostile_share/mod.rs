@@ -240,14 +240,22 @@ fn tree(dir: &Path) -> Vec<String> {
 }
 
 /// The mount points outside the sandbox directory. Left out: tempfile's folders (`.tmp*`
-/// in the temporary directory), where unit tests run beside this one make their own mounts.
+/// in the temporary directory), where unit tests run beside this one make their own mounts,
+/// and the folders of the other containerd harnesses (`/tmp/nbx-*`: the runc pod of this
+/// suite runs beside this one); this test's own folder (the canary's) is kept.
 fn mounts_outside(sandbox: &Path) -> BTreeSet<String> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo");
     let scratch = std::env::temp_dir().join(".tmp");
+    let harness = sandbox.parent().and_then(Path::parent).expect("the test's containerd folder");
+    let others =
+        |p: &Path| p.starts_with("/tmp") && p.to_string_lossy().starts_with("/tmp/nbx-") && !p.starts_with(harness);
     table
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| !Path::new(p).starts_with(sandbox) && !p.starts_with(&*scratch.to_string_lossy()))
+        .filter(|p| {
+            let path = Path::new(p);
+            !path.starts_with(sandbox) && !p.starts_with(&*scratch.to_string_lossy()) && !others(path)
+        })
         .map(String::from)
         .collect()
 }
