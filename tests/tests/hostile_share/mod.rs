@@ -118,8 +118,11 @@ impl Race {
         std::fs::remove_file(self.empty_dir.join(STOP)).expect("removing the stop file");
         let tally = Tally::parse(&out.stdout);
         tally.check();
+        // Those created while it raced were hit by its watcher the moment they appeared,
+        // and swept whole before it stopped.
         for cid in during {
-            assert!(out.stdout.contains(&format!("race: cid {cid} ")), "the racer never saw {cid} appear: {out:?}");
+            assert!(out.stdout.contains(&format!("race: new {cid} ")), "the racer never saw {cid} appear: {out:?}");
+            assert!(out.stdout.contains(&format!("race: cid {cid} ")), "the racer never swept {cid}: {out:?}");
         }
         self.before.assert_unchanged("while the racer ran");
         assert_host_only_tree(&self.sandbox, containers);

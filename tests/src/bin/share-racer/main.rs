@@ -34,6 +34,7 @@
 //! Built for x86_64-unknown-linux-musl (static): it runs in any container image.
 
 mod at;
+mod watch;
 
 use at::At;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -53,7 +54,7 @@ const TOP_GUESSES: [&str; 3] = ["evil", "mounts", "shared"];
 const CID_ENTRIES: [&str; 3] = ["rootfs", "mounts", "evil"];
 /// `<cid>/mounts/<n>` tried for n below this.
 const BINDS: u32 = 9;
-/// Steps in which a new container directory gets the quick symlinks.
+/// Listings in which the watcher hits a new container directory again.
 const HOT_PASSES: u32 = 5;
 /// What the plants are called; removed again each sweep where the guest may write.
 const PLANTS: [&str; 8] =
@@ -115,10 +116,10 @@ struct Count {
 
 /// Attempts and successes per kind (`ACTION-PLACE`).
 #[derive(Default)]
-struct Tally(BTreeMap<String, Count>);
+pub struct Tally(BTreeMap<String, Count>);
 
 impl Tally {
-    fn note(&mut self, action: &str, place: &str, what: &Path, result: io::Result<()>) {
+    pub fn note(&mut self, action: &str, place: &str, what: &Path, result: io::Result<()>) {
         let count = self.0.entry(format!("{action}-{place}")).or_default();
         count.attempts += 1;
         match result {
@@ -129,6 +130,23 @@ impl Tally {
             Err(e) => {
                 count.first_error.get_or_insert_with(|| format!("{}: {e}", what.display()));
                 *count.errors.entry(e.raw_os_error().unwrap_or(0)).or_default() += 1;
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        for (kind, theirs) in other.0 {
+            let ours = self.0.entry(kind).or_default();
+            ours.attempts += theirs.attempts;
+            ours.made += theirs.made;
+            if ours.first_made.is_none() {
+                ours.first_made = theirs.first_made;
+            }
+            if ours.first_error.is_none() {
+                ours.first_error = theirs.first_error;
+            }
+            for (errno, n) in theirs.errors {
+                *ours.errors.entry(errno).or_default() += n;
             }
         }
     }
@@ -148,7 +166,7 @@ impl Tally {
     }
 }
 
-fn errno_name(errno: i32) -> String {
+pub fn errno_name(errno: i32) -> String {
     let known = [
         (libc::EROFS, "EROFS"),
         (libc::EEXIST, "EEXIST"),
@@ -199,8 +217,6 @@ struct Racer {
     /// Container directories seen, with the step they were first seen in, and their state then.
     seen: BTreeMap<String, u64>,
     first_state: Vec<String>,
-    /// New container directories and their quick passes left.
-    hot: BTreeMap<String, u32>,
     queue: VecDeque<Step>,
     /// What has been swept whole at least once: container directories, "top", "own".
     swept: BTreeSet<String>,
@@ -227,7 +243,6 @@ impl Racer {
             open: BTreeMap::new(),
             seen: BTreeMap::new(),
             first_state: Vec::new(),
-            hot: BTreeMap::new(),
             queue: VecDeque::new(),
             swept: BTreeSet::new(),
             volume: None,
@@ -271,8 +286,8 @@ impl Racer {
         self.stop.0.exists(&self.stop.1)
     }
 
-    /// One step: the share listed, new container directories noted and hit at once, the
-    /// young ones hit again, and one piece of the sweep.
+    /// One step: the share listed, new container directories noted (and queued first), and
+    /// one piece of the sweep.
     fn step(&mut self) {
         self.steps += 1;
         if self.own.is_none() {
@@ -281,20 +296,11 @@ impl Racer {
         for cid in self.share.dirs() {
             if !self.seen.contains_key(&cid) {
                 self.first_seen(&cid);
-                self.hot.insert(cid.clone(), HOT_PASSES);
                 for step in steps_of(&cid).into_iter().rev() {
                     self.queue.push_front(step);
                 }
             }
         }
-        let hot: Vec<String> = self.hot.keys().cloned().collect();
-        for cid in hot {
-            self.hot_pass(&cid);
-        }
-        self.hot.retain(|_, left| {
-            *left -= 1;
-            *left > 0
-        });
         match self.queue.pop_front() {
             Some(step) => self.run(step),
             None => self.refill(),
@@ -322,21 +328,6 @@ impl Racer {
         let line = format!("race: cid {cid} first-seen-step={} rootfs={rootfs} binds={binds}", self.steps);
         self.first_state.push(line);
         self.seen.insert(cid.to_string(), self.steps);
-    }
-
-    /// Symlinks where a new container's rootfs and binds are about to be made.
-    fn hot_pass(&mut self, cid: &str) {
-        let Some(dir) = self.dir(cid) else { return };
-        let canary = self.args.canary.clone();
-        self.tally.note("symlink", "cid", &dir.shown("rootfs"), dir.symlink(&canary, "rootfs"));
-        let Some(mounts) = self.dir(&format!("{cid}/mounts")) else {
-            self.tally.note("symlink", "cid", &dir.shown("mounts"), dir.symlink(&canary, "mounts"));
-            return;
-        };
-        for n in 0..BINDS {
-            let n = n.to_string();
-            self.tally.note("symlink", "mounts", &mounts.shown(&n), mounts.symlink(&canary, &n));
-        }
     }
 
     fn run(&mut self, step: Step) {
@@ -483,15 +474,18 @@ fn main() {
         std::process::exit(1)
     });
     racer.find_own();
+    let watcher = watch::Watcher::start(&racer.args.share, &racer.args.canary);
     let _ = std::fs::write(&racer.args.started, "racing\n");
     while Instant::now() < deadline && !(racer.covered() && racer.stop_requested()) {
         racer.step();
     }
-    finish(&racer, started.elapsed());
+    let watched = watcher.stop();
+    finish(&mut racer, watched, started.elapsed());
 }
 
-/// Removes the plants from the volume (a host folder), unmounts, prints the tally.
-fn finish(racer: &Racer, took: Duration) {
+/// Removes the plants from the volume (a host folder), unmounts, prints the tally (the
+/// watcher's merged in).
+fn finish(racer: &mut Racer, watched: watch::Watched, took: Duration) {
     if let Some(volume) = &racer.volume {
         clear(volume);
     }
@@ -507,8 +501,10 @@ fn finish(racer: &Racer, took: Duration) {
     let own = racer.own.as_ref().map_or("-", |(cid, _)| cid.as_str());
     let secs = took.as_secs_f64();
     println!("race: steps={} sweeps={} secs={secs:.1} own={own}", racer.steps, racer.sweeps);
-    for line in &racer.first_state {
+    println!("race: watcher listings={}", watched.listings);
+    for line in racer.first_state.iter().chain(&watched.first_hits) {
         println!("{line}");
     }
+    racer.tally.merge(watched.tally);
     racer.tally.print();
 }
