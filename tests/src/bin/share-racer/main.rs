@@ -7,7 +7,7 @@
 //! everything runs, in which it tries what a guest would to turn the host's work against it:
 //!
 //! - `top` (the share's root), `cid` (`<cid>/`, its `rootfs` and `mounts` entries) and
-//!   `mounts` (`<cid>/mounts/<n>`, n = 0..8, existing or not yet): the host-only tree, where
+//!   `mounts` (`<cid>/mounts/<n>`, n = 0..11, existing or not yet): the host-only tree, where
 //!   the shim creates and mounts. It puts symlinks (to the host's canary directory and to
 //!   `/`) where those entries are or will be, renames and removes them, moves a prepared
 //!   symlink over them, and plants files, setuid files, device nodes, hard links, symlinks
@@ -52,8 +52,9 @@ const VOLUME_RO: &str = "volume-ro";
 const TOP_GUESSES: [&str; 3] = ["evil", "mounts", "shared"];
 /// Entries of a container directory, existing or not yet.
 const CID_ENTRIES: [&str; 3] = ["rootfs", "mounts", "evil"];
-/// `<cid>/mounts/<n>` tried for n below this.
-const BINDS: u32 = 9;
+/// `<cid>/mounts/<n>` tried for n below this. n is the mount's index in the container's spec,
+/// whose first six (proc, dev, ...) are no binds: a CRI container's binds are 6 and up.
+const BINDS: u32 = 12;
 /// Listings in which the watcher hits a new container directory again.
 const HOT_PASSES: u32 = 5;
 /// What the plants are called; removed again each sweep where the guest may write.

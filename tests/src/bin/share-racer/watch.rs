@@ -27,10 +27,18 @@ pub struct Watcher {
 }
 
 impl Watcher {
+    /// Starts watching; what the share holds now is not new (listed here, before the
+    /// caller says it is racing, not whenever the thread first runs).
     pub fn start(share: &Path, canary: &Path) -> Watcher {
         let stop = Arc::new(AtomicBool::new(false));
-        let (flag, share, canary) = (stop.clone(), share.to_path_buf(), canary.to_path_buf());
-        let thread = std::thread::spawn(move || watch(&share, &canary, &flag));
+        let share = At::open(share);
+        let known: BTreeMap<String, u32> =
+            share.as_ref().map(|s| s.dirs().into_iter().map(|cid| (cid, 0)).collect()).unwrap_or_default();
+        let (flag, canary) = (stop.clone(), canary.to_path_buf());
+        let thread = std::thread::spawn(move || match share {
+            Ok(share) => watch(&share, known, &canary, &flag),
+            Err(e) => Watched { tally: Tally::default(), listings: 0, first_hits: vec![format!("race: watcher: {e}")] },
+        });
         Watcher { stop, thread }
     }
 
@@ -44,11 +52,10 @@ impl Watcher {
     }
 }
 
-fn watch(share: &Path, canary: &Path, stop: &AtomicBool) -> Watched {
+/// `passes`: the container directories known, with the hits each has left (none for those
+/// there at the start: the sweep takes them).
+fn watch(share: &At, mut passes: BTreeMap<String, u32>, canary: &Path, stop: &AtomicBool) -> Watched {
     let mut watched = Watched { tally: Tally::default(), listings: 0, first_hits: Vec::new() };
-    let Ok(share) = At::open(share) else { return watched };
-    // Those there at the start are not new; the sweep takes them.
-    let mut passes: BTreeMap<String, u32> = share.dirs().into_iter().map(|cid| (cid, 0)).collect();
     while !stop.load(Ordering::Relaxed) {
         watched.listings += 1;
         for cid in share.dirs() {
@@ -57,7 +64,7 @@ fn watch(share: &Path, canary: &Path, stop: &AtomicBool) -> Watched {
         for (cid, left) in passes.iter_mut().filter(|(_, left)| **left > 0) {
             let first = *left == HOT_PASSES;
             *left -= 1;
-            let hits = hit(&share, cid, canary, &mut watched.tally);
+            let hits = hit(share, cid, canary, &mut watched.tally);
             if first {
                 watched.first_hits.push(format!("race: new {cid} listing={} first-hit {hits}", watched.listings));
             }
