@@ -193,14 +193,12 @@ enum Step {
     Top,
     Own,
     Entries(String),
-    Bind(String, u32),
+    Binds(String),
     Plants(String),
 }
 
 fn steps_of(cid: &str) -> Vec<Step> {
-    let binds = (0..BINDS).map(|n| Step::Bind(cid.to_string(), n));
-    let entries = std::iter::once(Step::Entries(cid.to_string()));
-    entries.chain(binds).chain(std::iter::once(Step::Plants(cid.to_string()))).collect()
+    vec![Step::Entries(cid.to_string()), Step::Binds(cid.to_string()), Step::Plants(cid.to_string())]
 }
 
 struct Racer {
@@ -355,7 +353,7 @@ impl Racer {
                     self.swap(&dir, name, "cid");
                 }
             }
-            Step::Bind(cid, n) => self.bind(&cid, n),
+            Step::Binds(cid) => (0..BINDS).for_each(|n| self.bind(&cid, n)),
             Step::Plants(cid) => {
                 if let Some(dir) = self.dir(&cid) {
                     self.plant(&dir, "cid", true);
@@ -368,24 +366,24 @@ impl Racer {
         }
     }
 
-    /// Puts symlinks where `name` in `dir` is or will be, moves a prepared symlink over it,
-    /// renames and removes it.
+    /// Puts symlinks where `name` in `dir` is or will be; if it is there, moves a prepared
+    /// symlink over it, renames and removes it.
     fn swap(&mut self, dir: &At, name: &str, place: &str) {
         let shown = dir.shown(name);
         for target in [self.args.canary.clone(), PathBuf::from("/")] {
             self.tally.note("symlink", place, &shown, dir.symlink(&target, name));
         }
+        if !dir.exists(name) {
+            return;
+        }
         if let Some((_, own)) = &self.own {
             // Made where the guest may write (its rootfs), then moved over the entry.
-            let _ = own.remove("racer-swap");
-            if own.symlink(&self.args.canary, "racer-swap").is_ok() {
+            if own.exists("racer-swap") || own.symlink(&self.args.canary, "racer-swap").is_ok() {
                 self.tally.note("rename", place, &shown, own.rename("racer-swap", dir, name));
             }
         }
-        if dir.exists(name) {
-            self.tally.note("rename", place, &shown, dir.rename(name, dir, &format!("{name}.racer")));
-            self.tally.note("remove", place, &shown, dir.remove(name));
-        }
+        self.tally.note("rename", place, &shown, dir.rename(name, dir, &format!("{name}.racer")));
+        self.tally.note("remove", place, &shown, dir.remove(name));
     }
 
     /// `<cid>/mounts/<n>` swapped; a volume mounted there planted in, once per sweep.
