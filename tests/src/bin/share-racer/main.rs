@@ -34,6 +34,7 @@
 //! Built for x86_64-unknown-linux-musl (static): it runs in any container image.
 
 mod at;
+mod tally;
 mod watch;
 
 use at::At;
@@ -42,6 +43,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+use tally::Tally;
+use watch::BINDS;
 
 /// The virtio-fs tag of the pod's share.
 const TAG: &str = "nestbox";
@@ -52,11 +55,6 @@ const VOLUME_RO: &str = "volume-ro";
 const TOP_GUESSES: [&str; 3] = ["evil", "mounts", "shared"];
 /// Entries of a container directory, existing or not yet.
 const CID_ENTRIES: [&str; 3] = ["rootfs", "mounts", "evil"];
-/// `<cid>/mounts/<n>` tried for n below this. n is the mount's index in the container's spec,
-/// whose first six (proc, dev, ...) are no binds: a CRI container's binds are 6 and up.
-const BINDS: u32 = 12;
-/// Listings in which the watcher hits a new container directory again.
-const HOT_PASSES: u32 = 5;
 /// What the plants are called; removed again each sweep where the guest may write.
 const PLANTS: [&str; 8] =
     ["racer-file", "racer-suid", "racer-chr", "racer-blk", "racer-hardlink", "racer-link", "racer-dir", "racer-swap"];
@@ -103,84 +101,6 @@ fn parse_args() -> Result<Args, String> {
         return Err(format!("--secs {} is not within 1..=3600", args.secs));
     }
     Ok(args)
-}
-
-#[derive(Default)]
-struct Count {
-    attempts: u64,
-    made: u64,
-    first_made: Option<String>,
-    first_error: Option<String>,
-    /// How often each errno came back.
-    errors: BTreeMap<i32, u64>,
-}
-
-/// Attempts and successes per kind (`ACTION-PLACE`).
-#[derive(Default)]
-pub struct Tally(BTreeMap<String, Count>);
-
-impl Tally {
-    pub fn note(&mut self, action: &str, place: &str, what: &Path, result: io::Result<()>) {
-        let count = self.0.entry(format!("{action}-{place}")).or_default();
-        count.attempts += 1;
-        match result {
-            Ok(()) => {
-                count.made += 1;
-                count.first_made.get_or_insert_with(|| what.display().to_string());
-            }
-            Err(e) => {
-                count.first_error.get_or_insert_with(|| format!("{}: {e}", what.display()));
-                *count.errors.entry(e.raw_os_error().unwrap_or(0)).or_default() += 1;
-            }
-        }
-    }
-
-    fn merge(&mut self, other: Tally) {
-        for (kind, theirs) in other.0 {
-            let ours = self.0.entry(kind).or_default();
-            ours.attempts += theirs.attempts;
-            ours.made += theirs.made;
-            if ours.first_made.is_none() {
-                ours.first_made = theirs.first_made;
-            }
-            if ours.first_error.is_none() {
-                ours.first_error = theirs.first_error;
-            }
-            for (errno, n) in theirs.errors {
-                *ours.errors.entry(errno).or_default() += n;
-            }
-        }
-    }
-
-    fn print(&self) {
-        for (kind, c) in &self.0 {
-            let first_made = c.first_made.as_deref().unwrap_or("-");
-            let first_error = c.first_error.as_deref().unwrap_or("-");
-            let errors: Vec<String> = c.errors.iter().map(|(errno, n)| format!("{}x{n}", errno_name(*errno))).collect();
-            println!(
-                "race: {kind} attempts={} made={} errors={} first-made={first_made} first-error={first_error}",
-                c.attempts,
-                c.made,
-                errors.join(",")
-            );
-        }
-    }
-}
-
-pub fn errno_name(errno: i32) -> String {
-    let known = [
-        (libc::EROFS, "EROFS"),
-        (libc::EEXIST, "EEXIST"),
-        (libc::EXDEV, "EXDEV"),
-        (libc::EBUSY, "EBUSY"),
-        (libc::EPERM, "EPERM"),
-        (libc::EACCES, "EACCES"),
-        (libc::ENOENT, "ENOENT"),
-        (libc::ENOTEMPTY, "ENOTEMPTY"),
-        (libc::EOPNOTSUPP, "EOPNOTSUPP"),
-        (libc::EINVAL, "EINVAL"),
-    ];
-    known.iter().find(|(n, _)| *n == errno).map_or_else(|| format!("errno{errno}"), |(_, name)| name.to_string())
 }
 
 /// A file capability (vfs_cap_data revision 2) granting every capability, effective.

@@ -5,12 +5,18 @@
 //! takes seconds per container here.
 
 use crate::at::At;
-use crate::{errno_name, Tally, BINDS, HOT_PASSES};
+use crate::tally::{errno_name, Tally};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+/// `<cid>/mounts/<n>` tried for n below this. n is the mount's index in the container's spec,
+/// whose first six (proc, dev, ...) are no binds: a CRI container's binds are 6 and up.
+pub const BINDS: u32 = 12;
+/// Listings in which the watcher hits a new container directory again.
+const HOT_PASSES: u32 = 5;
 
 /// What the watcher did.
 pub struct Watched {
