@@ -23,6 +23,17 @@
 //!   sandbox directory, no VMM, no shim, no mount (the pod's network namespace included);
 //! - nestbox: what the running pod costs the host beside its guest's memory (the shim and
 //!   the VMM's own memory) fits in the RuntimeClass overhead `nestbox config` prints;
+//! - nestbox: the hostile guest (`hostile_share/`, issue 15): `one` gets CAP_SYS_ADMIN (no
+//!   more: no privileged pod) and runs `share-racer`, which mounts the pod's virtio-fs share
+//!   a second time and, while the host creates `two` and `three` with their volumes, races
+//!   symlink swaps, renames and removals where the host creates and mounts, files, setuid
+//!   files, device nodes, hard links and capability/trusted xattrs; every attempt aimed at
+//!   the host-only tree must fail, while its own rootfs and the emptyDir take files, setuid
+//!   files and links (device nodes and those xattrs refused by the virtio-fs guard); `three`
+//!   sees its volumes as asked; the host then finds its canary directory (the racer's
+//!   symlink target), the tools volume and `/` unchanged, no new mount outside the sandbox
+//!   (again once the pod is gone), only the shim's own entries in the host-only tree, and
+//!   every setuid file or device node in the sandbox tree on a nosuid/nodev mount;
 //! - nestbox: a pod with resources (PodSandboxConfig.linux.resources) gets a VM sized as
 //!   Kata sizes it, the default plus the limits, seen in a container as CPUs and MemTotal.
 //!
@@ -38,6 +49,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+mod hostile_share;
 
 /// One CRI call that does not start a VM.
 const QUICK: Duration = Duration::from_secs(60);
@@ -130,6 +143,9 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
         std::fs::create_dir_all(dir).expect("creating a volume folder");
     }
     std::fs::copy(guest_binary("sysv-shm"), tools.join("sysv-shm")).expect("copying sysv-shm");
+    if handler == "nestbox" {
+        hostile_share::prepare_volumes(&empty_dir, &tools);
+    }
     let volume = |host: &Path, path: &str, readonly| api::Mount {
         container_path: path.into(),
         host_path: host.to_string_lossy().into_owned(),
@@ -145,18 +161,8 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     }
     let p = Pod { c: &c, deadline };
     let pod = cri.run_pod_sandbox(&sandbox, handler, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
-    let mut ids = HashMap::new();
-    for (name, arg) in WORKLOADS {
-        let pid = if name == "three" { NamespaceMode::Container } else { NamespaceMode::Pod };
-        let ns = namespaces(NamespaceMode::Pod, NamespaceMode::Pod, pid);
-        let script = format!("echo started; exec sleep {arg}");
-        let mut config = container_config(name, BUSYBOX, &["/bin/sh", "-c", &script], &format!("{name}.log"), ns);
-        config.mounts = vec![volume(&empty_dir, "/shared", false), volume(&tools, "/tools", true)];
-        let id =
-            cri.create_container(&pod, &config, &sandbox, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
-        cri.start_container(&id, deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
-        ids.insert(name, id);
-    }
+    let mounts = vec![volume(&empty_dir, "/shared", false), volume(&tools, "/tools", true)];
+    let (ids, host_before) = start_workloads(&p, handler, (&pod, &sandbox), &mounts, (&empty_dir, &tools));
     let [one, two, three] = ["one", "two", "three"].map(|n| ids[n].as_str());
     for id in [one, two, three] {
         let status = cri.container_status(id, QUICK).expect("ContainerStatus");
@@ -205,9 +211,54 @@ fn pod_lifecycle(handler: &str, nestbox_config: &str, deadline: Duration) {
     wait_for_no_shims(&c);
     let mounts = mounts_under(&c.dir);
     assert!(mounts.is_empty(), "mounts left (rootfs, the pod's network namespace): {mounts:?}");
+    if let Some(before) = host_before {
+        before.assert_unchanged("after the pod's removal");
+    }
     if handler == "nestbox" {
         check_sized_pod(&c, &logs);
     }
+}
+
+/// Creates and starts the three workloads. With nestbox, `one` (with CAP_SYS_ADMIN added)
+/// plays the hostile guest, racing in the pod's share while the host creates `two` and
+/// `three` with their volumes (see `hostile_share`); the host's state from before it, for a
+/// last look once the pod is gone.
+fn start_workloads(
+    p: &Pod,
+    handler: &str,
+    (pod, sandbox): (&str, &api::PodSandboxConfig),
+    mounts: &[api::Mount],
+    (empty_dir, tools): (&Path, &Path),
+) -> (HashMap<&'static str, String>, Option<hostile_share::HostState>) {
+    let cri = p.c.cri();
+    let mut ids = HashMap::new();
+    let mut race = None;
+    for (name, arg) in WORKLOADS {
+        let pid = if name == "three" { NamespaceMode::Container } else { NamespaceMode::Pod };
+        let ns = namespaces(NamespaceMode::Pod, NamespaceMode::Pod, pid);
+        let script = format!("echo started; exec sleep {arg}");
+        let mut config = container_config(name, BUSYBOX, &["/bin/sh", "-c", &script], &format!("{name}.log"), ns);
+        config.mounts = mounts.to_vec();
+        let hostile = handler == "nestbox" && name == "one";
+        if hostile {
+            let context = config.linux.as_mut().and_then(|l| l.security_context.as_mut()).expect("security context");
+            context.capabilities =
+                Some(api::Capability { add_capabilities: vec!["SYS_ADMIN".into()], ..Default::default() });
+        }
+        let id =
+            cri.create_container(pod, &config, sandbox, p.deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+        cri.start_container(&id, p.deadline).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+        if hostile {
+            race = Some(hostile_share::start(p.c, pod, &id, empty_dir, tools));
+        }
+        ids.insert(name, id);
+    }
+    let before = race.map(|race| {
+        hostile_share::check_volumes(cri, &ids["three"], empty_dir);
+        let containers = [pod, &ids["one"], &ids["two"], &ids["three"]];
+        race.finish(&containers, &[&ids["two"], &ids["three"]])
+    });
+    (ids, before)
 }
 
 /// What the running pod costs the host beside its guest's memory: the shim's RSS and the
