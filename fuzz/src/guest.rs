@@ -88,6 +88,13 @@ impl Guest {
         }
     }
 
+    /// Whether every available ring's index, as the guest memory holds it, is 0: a device
+    /// activated now starts each queue at index 0 too, so it would find no request to
+    /// take, whatever else the memory holds.
+    pub fn rings_idle(&self) -> bool {
+        self.rings.iter().all(|ring| self.mem.read_obj::<u16>(GuestAddress(ring.avail + 2)).is_ok_and(|idx| idx == 0))
+    }
+
     /// Writes guest memory; a write that runs off the end is cut short (it is the
     /// harness's own write, not the device's).
     fn write(&self, addr: u64, bytes: &[u8]) {
@@ -236,5 +243,21 @@ mod tests {
         let mut content = [0u8; 3];
         g.mem.read_slice(&mut content, GuestAddress(DATA + 16)).unwrap();
         assert_eq!(&content, b"abc");
+    }
+
+    #[test]
+    fn rings_are_idle_until_a_head_is_published() {
+        let mut g = Guest::new(2);
+        assert!(g.rings_idle());
+        let mut e = Encoder::default();
+        e.u8(OP_RAW_DESC).u8(1).u8(0).u64(DATA).u32(8).u16(0).u16(0);
+        assert!(g.step(&mut Input::new(&e.0)));
+        assert!(g.rings_idle(), "a descriptor alone is no request");
+        let mut e = Encoder::default();
+        e.u8(OP_PUBLISH).u8(1).u16(0);
+        assert!(g.step(&mut Input::new(&e.0)));
+        assert!(!g.rings_idle());
+        g.restart();
+        assert!(g.rings_idle());
     }
 }

@@ -64,6 +64,7 @@ fn handshake(t: &mut MmioTransport, input: &mut Input<'_>) {
 }
 
 pub fn run(data: &[u8]) {
+    let _cpu = super::SameCpu::pin();
     let mut input = Input::new(data);
     let memory_ops = input.u8() % 32;
     let mut guest = Guest::new(2);
