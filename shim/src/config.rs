@@ -371,7 +371,6 @@ fn memory(_key: &str, value: i64) -> Result<u64, String> {
     }
 }
 
-/// The default `max_vcpus`: the host's CPUs (a VM with more would only contend with itself).
 /// `runtime.concurrent_starts`: 0 up to the most, the host's CPUs when absent.
 fn concurrent_starts(value: Option<i64>) -> Result<u32, ConfigError> {
     let Some(v) = value else { return Ok(u32::from(host_cpus())) };
@@ -381,6 +380,7 @@ fn concurrent_starts(value: Option<i64>) -> Result<u32, ConfigError> {
         .ok_or_else(|| invalid("runtime.concurrent_starts", format!("{v} is not in 0..={MAX_CONCURRENT_STARTS}")))
 }
 
+/// The default `max_vcpus`: the host's CPUs (a VM with more would only contend with itself).
 fn host_cpus() -> u8 {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     u8::try_from(n).unwrap_or(MAX_VCPUS).clamp(DEFAULT_VCPUS, MAX_VCPUS)

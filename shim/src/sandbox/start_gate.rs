@@ -125,13 +125,19 @@ fn unlock_byte(file: &File, slot: u32) -> std::io::Result<()> {
     set_byte_lock(file, slot, libc::F_UNLCK, false).map(|_| ())
 }
 
-fn set_byte_lock(file: &File, slot: u32, kind: libc::c_int, wait: bool) -> std::io::Result<bool> {
+/// The lock request `kind` (F_WRLCK, F_UNLCK) on byte `slot`.
+fn byte_lock(slot: u32, kind: libc::c_int) -> libc::flock {
     // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = kind as libc::c_short;
     lock.l_whence = libc::SEEK_SET as libc::c_short;
     lock.l_start = libc::off_t::from(slot);
     lock.l_len = 1;
+    lock
+}
+
+fn set_byte_lock(file: &File, slot: u32, kind: libc::c_int, wait: bool) -> std::io::Result<bool> {
+    let lock = byte_lock(slot, kind);
     let command = if wait { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK };
     loop {
         // SAFETY: a valid descriptor and a pointer to a flock that outlives the call.
@@ -156,13 +162,9 @@ mod tests {
 
     /// Whether another description holds byte `slot` (F_OFD_GETLK: asks, takes nothing).
     fn held_elsewhere(file: &File, slot: u32) -> bool {
-        // SAFETY: as in set_byte_lock; F_OFD_GETLK only fills in `lock`.
-        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-        lock.l_type = libc::F_WRLCK as libc::c_short;
-        lock.l_whence = libc::SEEK_SET as libc::c_short;
-        lock.l_start = libc::off_t::from(slot);
-        lock.l_len = 1;
-        // SAFETY: a valid descriptor and a pointer to a flock that outlives the call.
+        let mut lock = byte_lock(slot, libc::F_WRLCK);
+        // SAFETY: a valid descriptor and a pointer to a flock that outlives the call;
+        // F_OFD_GETLK only fills it in.
         let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
         assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
         lock.l_type != libc::F_UNLCK as libc::c_short
